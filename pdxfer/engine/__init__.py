@@ -1,1 +1,8 @@
-"""engine."""
+"""Sender and Receiver façades: an asyncio core on its own uvloop thread."""
+
+from pdxfer.engine.config import ReceiverConfig, SenderConfig
+from pdxfer.engine.lane import TransferResult
+from pdxfer.engine.receiver import ReceivedTransfer, Receiver
+from pdxfer.engine.sender import OutboundHandle, Sender
+
+__all__ = ["Sender", "Receiver", "SenderConfig", "ReceiverConfig", "OutboundHandle", "ReceivedTransfer", "TransferResult"]

@@ -1,0 +1,295 @@
+"""One sender-side lane per receiver: control DEALER, data connection, ordered send loop.
+
+Lanes never wait on each other, so a slow or dead decode worker cannot stall transfers
+to another. Inside a lane, RESERVEs are all outstanding at once (matched by correlation
+id); only the data connection is serial, and it carries granted chunks only.
+
+Liveness: the data connection's EOF is an immediate death signal; heartbeats on the
+control channel catch a peer that hangs (SIGSTOP, a wedged process) with its sockets
+still open. Either way every transfer on the lane fails with `PeerLost` and its queued
+memory goes back to the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import zmq.asyncio
+
+from pdxfer.errors import (
+    AdmissionRejected, IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError,
+    RejectReason, TransferAborted, TransferTimeout,
+)
+from pdxfer.protocol import messages as m
+from pdxfer.protocol.outbound import OutboundTransfer
+from pdxfer.protocol.states import OutEvent, OutState
+from pdxfer.sendq import MemoryBudget, PeerQueue
+from pdxfer.transport.control import ControlClient
+from pdxfer.transport.tcp import DataClient
+
+if TYPE_CHECKING:
+    from pdxfer.engine.config import SenderConfig
+
+log = structlog.get_logger("pdxfer.sender")
+
+_RECEIVER_ERRORS: dict[str, type[PdxferError]] = {
+    "integrity": IntegrityError,
+    "lease_expired": LeaseExpired,
+    "deadline": TransferTimeout,
+    "protocol": ProtocolError,
+}
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    transfer_id: str
+    peer: str
+    nbytes: int
+    chunks: int
+    seconds: float  # submit to DONE
+    granted_after: float  # submit to GRANT: time spent waiting for receiver room
+
+
+@dataclass
+class OutCtx:
+    out: OutboundTransfer
+    future: "concurrent.futures.Future[TransferResult]"
+    deadline: float
+    started: float
+    log: Any
+    timer: asyncio.TimerHandle | None = None
+    granted_at: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Lane:
+    def __init__(self, address: str, cfg: "SenderConfig", budget: MemoryBudget,
+                 ctx: zmq.asyncio.Context, on_closed: Any) -> None:
+        self.address = address
+        self.cfg = cfg
+        self.budget = budget
+        self.state = "connecting"
+        self.transfers: dict[str, OutCtx] = {}
+        self._by_cid: dict[int, OutCtx] = {}
+        self._cids = itertools.count(1)
+        self.queue = PeerQueue(budget)
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._hello_cid = next(self._cids)
+        self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
+        self.last_seen = self._loop.time()
+        self.data: DataClient | None = None
+        self._on_closed = on_closed
+        identity = f"{cfg.sender_id}/{os.urandom(6).hex()}".encode()
+        self.control = ControlClient(ctx, address, identity, self._on_message)
+        self._task = self._loop.create_task(self._run(), name=f"pdxfer-lane-{address}")
+
+    # ----------------------------------------------------------------- lifecycle
+    async def _run(self) -> None:
+        err: Exception | None = None
+        try:
+            await self._connect()
+            sender = self._loop.create_task(self._send_loop())
+            beat = self._loop.create_task(self._heartbeat_loop())
+            assert self.data is not None
+            try:
+                done, _ = await asyncio.wait({sender, beat, self.data.closed}, return_when=asyncio.FIRST_COMPLETED)
+                first = done.pop()
+                err = first.result()  # PeerLost from the EOF watcher or heartbeat; None when idle
+            finally:
+                for t in (sender, beat):
+                    t.cancel()
+                await asyncio.gather(sender, beat, return_exceptions=True)
+        except PdxferError as exc:
+            err = exc
+        except asyncio.CancelledError:
+            err = TransferAborted("sender is shutting down", peer=self.address)
+        except Exception as exc:  # a bug must still fail the transfers, never strand them
+            log.exception("lane_crashed", peer=self.address)
+            err = PeerLost(f"lane crashed: {exc!r}", peer=self.address)
+        await self._close(err)
+
+    async def _connect(self) -> None:
+        self.control.send(m.Hello(cid=self._hello_cid, sender_id=self.cfg.sender_id,
+                                  capabilities=["tcp"], token=self.cfg.token))
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(self._hello), self.cfg.handshake_timeout_s)
+        except asyncio.TimeoutError:
+            raise PeerLost(f"no HELLO reply within {self.cfg.handshake_timeout_s}s",
+                           peer=self.address, waiting_for="hello") from None
+        host, _, port = ok.data_address.rpartition(":")
+        self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,
+                                             timeout=self.cfg.handshake_timeout_s, peer=self.address)
+        self.state = "ready"
+        self.last_seen = self._loop.time()
+        log.debug("lane_ready", peer=self.address, receiver=ok.receiver_id)
+        for ctx in list(self.transfers.values()):
+            self._send_reserve(ctx)
+
+    async def _send_loop(self) -> Exception | None:
+        assert self.data is not None
+        while True:
+            item = self.queue.pop()
+            if item is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.lane_idle_s)
+                except asyncio.TimeoutError:
+                    if not self.transfers:
+                        return None  # idle lane: close it, a later submit opens a fresh one
+                continue
+            t = item.transfer
+            offset, size = t.payload.chunk_range(item.index)
+            try:
+                await self.data.send_chunk(t.slot, item.index, offset, item.buffer, item.checksum)  # type: ignore[arg-type]
+            finally:
+                self.budget.release(size)
+            t.sent_chunks += 1
+            if t.all_sent and not t.terminal:
+                t.on(OutEvent.SEND_COMMIT)
+                self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
+
+    async def _heartbeat_loop(self) -> Exception:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            now = self._loop.time()
+            if not self.transfers:
+                self.last_seen = now
+                continue
+            silent = now - self.last_seen
+            if silent > self.cfg.peer_timeout_s:
+                return PeerLost(f"receiver silent for {silent:.2f}s (> {self.cfg.peer_timeout_s}s)",
+                                peer=self.address, waiting_for="heartbeat_ack")
+            self.control.send(m.Heartbeat(cid=next(self._cids)))
+
+    async def _close(self, err: Exception | None) -> None:
+        self.state = "dead"
+        self._on_closed(self)
+        cause = err or TransferAborted("lane closed", peer=self.address)
+        for ctx in list(self.transfers.values()):
+            self.fail(ctx, cause if isinstance(cause, PdxferError) else PeerLost(str(cause), peer=self.address),
+                      notify_peer=False)
+        self.queue.drain()
+        if err is not None and not isinstance(err, TransferAborted):
+            log.warning("lane_closed", peer=self.address, error=str(err))
+        else:
+            log.debug("lane_closed", peer=self.address, reason=str(cause))
+        if self.data is not None:
+            await self.data.close()
+        await self.control.close()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    # ----------------------------------------------------------------- transfers
+    def add(self, ctx: OutCtx) -> None:
+        if not self.transfers:
+            self.last_seen = self._loop.time()
+        self.transfers[ctx.out.tid] = ctx
+        if self.state == "ready":
+            self._send_reserve(ctx)
+
+    def _send_reserve(self, ctx: OutCtx) -> None:
+        out = ctx.out
+        out.cid = next(self._cids)
+        self._by_cid[out.cid] = ctx
+        out.on(OutEvent.SEND_RESERVE)
+        remaining_ms = max(1, int((ctx.deadline - self._loop.time()) * 1000))
+        self.control.send(m.Reserve(cid=out.cid, tid=out.tid, total_bytes=out.payload.total_bytes,
+                                    chunk_sizes=list(out.payload.chunk_sizes), deadline_ms=remaining_ms))
+
+    def chunks_ready(self, ctx: OutCtx) -> None:
+        if self.queue.push_ready(ctx.out):
+            self._wake.set()
+
+    def _on_message(self, msg: m.Message) -> None:
+        self.last_seen = self._loop.time()
+        if isinstance(msg, m.HelloOk):
+            if msg.cid == self._hello_cid and not self._hello.done():
+                self._hello.set_result(msg)
+            return
+        if isinstance(msg, m.Error):
+            if msg.cid == self._hello_cid and not self._hello.done():
+                self._hello.set_exception(ProtocolError(f"receiver refused HELLO: {msg.error} {msg.detail}",
+                                                        peer=self.address, waiting_for="hello"))
+            else:
+                log.error("receiver_error", peer=self.address, error=msg.error, detail=msg.detail)
+            return
+        if isinstance(msg, m.HeartbeatAck):
+            return
+        ctx = self._by_cid.get(msg.cid)
+        if ctx is None or ctx.out.tid != getattr(msg, "tid", None):
+            log.debug("late_reply", peer=self.address, msg=type(msg).__name__, cid=msg.cid)
+            return
+        try:
+            self._on_transfer_message(ctx, msg)
+        except ProtocolError as exc:
+            self.fail(ctx, exc)
+
+    def _on_transfer_message(self, ctx: OutCtx, msg: m.Message) -> None:
+        out = ctx.out
+        if isinstance(msg, m.Queued):
+            out.on(OutEvent.RECV_QUEUED)
+            ctx.log.debug("queued", position=msg.position)
+        elif isinstance(msg, m.Grant):
+            out.slot = msg.slot
+            out.on(OutEvent.RECV_GRANT)
+            ctx.granted_at = self._loop.time()
+            self.chunks_ready(ctx)
+        elif isinstance(msg, m.Reject):
+            try:
+                reason = RejectReason(msg.reason)
+            except ValueError:
+                reason = RejectReason.BAD_REQUEST
+            self.fail(ctx, AdmissionRejected(f"receiver rejected: {msg.detail}", reason=reason,
+                                             transfer_id=out.tid, peer=self.address), notify_peer=False)
+        elif isinstance(msg, m.Done):
+            out.on(OutEvent.RECV_DONE)
+            self._finish(ctx)
+        elif isinstance(msg, m.Failed):
+            cls = _RECEIVER_ERRORS.get(msg.error, TransferAborted)
+            self.fail(ctx, cls(f"receiver failed the transfer ({msg.error}): {msg.detail}",
+                               transfer_id=out.tid, peer=self.address), notify_peer=False)
+
+    def _forget(self, ctx: OutCtx) -> None:
+        self.transfers.pop(ctx.out.tid, None)
+        if ctx.out.cid is not None:
+            self._by_cid.pop(ctx.out.cid, None)
+        if ctx.timer is not None:
+            ctx.timer.cancel()
+
+    def _finish(self, ctx: OutCtx) -> None:
+        self._forget(ctx)
+        now = self._loop.time()
+        res = TransferResult(ctx.out.tid, self.address, ctx.out.payload.total_bytes, ctx.out.payload.chunk_count,
+                             now - ctx.started, (ctx.granted_at or now) - ctx.started)
+        ctx.log.debug("transfer_done", seconds=round(res.seconds, 6))
+        if not ctx.future.done():
+            ctx.future.set_result(res)
+
+    def fail(self, ctx: OutCtx, err: PdxferError, *, notify_peer: bool = True) -> None:
+        out = ctx.out
+        if out.terminal:
+            return
+        was = out.state
+        out.on(OutEvent.FAIL)
+        self._forget(ctx)
+        for buf in out.drop_buffers():
+            self.budget.release(memoryview(buf).nbytes)
+        if notify_peer and self.state == "ready" and was != OutState.WAITING_PEER:
+            self.control.send(m.Abort(cid=out.cid or 0, tid=out.tid, reason=type(err).__name__))
+        ctx.log.warning("transfer_failed", state=was.value, error=str(err))
+        if not ctx.future.done():
+            ctx.future.set_exception(err)
+
+    def on_deadline(self, ctx: OutCtx) -> None:
+        self.fail(ctx, TransferTimeout(f"deadline passed in state {ctx.out.state.value}",
+                                       transfer_id=ctx.out.tid, peer=self.address,
+                                       waiting_for=ctx.out.state.value))

@@ -1,0 +1,341 @@
+"""The decode side's loop-thread logic: admission, control replies, data landing.
+
+Runs only on the receiver's event loop, so it needs no locks. It is the one place where
+the admission controller's events turn into wire messages and waiter wake-ups: a
+GRANT for a waiter admitted later, a FAILED for a lease that expired, a typed error for
+whoever waits on a transfer that ended badly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import structlog
+
+from pdxfer.admission import (
+    AdmissionController, Ended, EndReason, Grant, Granted, Queued, Rejected,
+)
+from pdxfer.engine.config import ReceiverConfig
+from pdxfer.errors import (
+    IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout,
+)
+from pdxfer.layout.payload import Payload
+from pdxfer.protocol import frames as f
+from pdxfer.protocol import messages as m
+from pdxfer.protocol.inbound import InboundTransfer
+from pdxfer.transport.control import ControlServer
+from pdxfer.transport.tcp import DataServerProtocol
+
+log = structlog.get_logger("pdxfer.receiver")
+
+_END_ERRORS: dict[EndReason, tuple[type[PdxferError], str]] = {
+    EndReason.LEASE_EXPIRED: (LeaseExpired, "lease_expired"),
+    EndReason.DEADLINE: (TransferTimeout, "deadline"),
+    EndReason.QUEUE_TIMEOUT: (TransferTimeout, "queue_timeout"),
+    EndReason.PEER_LOST: (PeerLost, "peer_lost"),
+    EndReason.ABORTED: (TransferAborted, "aborted"),
+    EndReason.SHUTDOWN: (TransferAborted, "shutdown"),
+    EndReason.CLAIM_TIMEOUT: (TransferTimeout, "claim_timeout"),
+}
+
+
+@dataclass
+class PeerInfo:
+    sender_id: str
+    identity: bytes
+    conn_token: int
+    conn: DataServerProtocol | None = None
+
+
+@dataclass
+class Pending:
+    identity: bytes
+    cid: int
+    payload: Payload
+
+
+class ReceiverCore:
+    def __init__(self, cfg: ReceiverConfig, region: memoryview, make_received: Callable[..., Any]) -> None:
+        self.cfg = cfg
+        self.region = region
+        self.admission = AdmissionController(cfg.capacity, lease_s=cfg.lease_s, alignment=cfg.alignment,
+                                             max_queue=cfg.max_queue)
+        self._make_received = make_received
+        self.loop = asyncio.get_running_loop()
+        self.peers: dict[str, PeerInfo] = {}  # key: control identity (decoded)
+        self._by_token: dict[int, PeerInfo] = {}
+        self.pending: dict[str, Pending] = {}  # queued reservations
+        self.inbound: dict[int, InboundTransfer] = {}  # slot -> transfer
+        self._slot_of: dict[str, int] = {}
+        self._reply_to: dict[str, tuple[bytes, int]] = {}
+        self._next_slot = 1
+        self.delivered: dict[str, Any] = {}  # tid -> ReceivedTransfer not yet claimed
+        self.waiters: dict[str, list[asyncio.Future]] = {}
+        self.failures: OrderedDict[str, PdxferError] = OrderedDict()
+        self.on_transfer: Callable[[Any], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.control: ControlServer | None = None
+        self.data_address = ""
+
+    # ------------------------------------------------------------------ control
+    def on_control(self, identity: bytes, msg: m.Message) -> None:
+        key = identity.decode(errors="replace")
+        if isinstance(msg, m.Hello):
+            self._on_hello(identity, key, msg)
+            return
+        peer = self.peers.get(key)
+        if peer is None:
+            self._send(identity, m.Error(cid=msg.cid, error="no_hello", detail="send HELLO first"))
+            return
+        now = self.loop.time()
+        if isinstance(msg, m.Heartbeat):
+            self.admission.renew_peer(key, now=now)
+            self._send(identity, m.HeartbeatAck(cid=msg.cid))
+        elif isinstance(msg, m.Reserve):
+            self._on_reserve(identity, key, msg, now)
+        elif isinstance(msg, m.Commit):
+            self._on_commit(identity, msg)
+        elif isinstance(msg, m.Abort):
+            if self.admission.get(msg.tid) is not None and self._owner(msg.tid) == key:
+                self._handle(self.admission.abort(msg.tid, EndReason.ABORTED, now=now))
+        else:
+            log.error("control_unexpected", peer=key, msg=type(msg).__name__)
+        self._schedule()
+
+    def _on_hello(self, identity: bytes, key: str, msg: m.Hello) -> None:
+        if self.cfg.token is not None and not hmac.compare_digest((msg.token or "").encode(), self.cfg.token.encode()):
+            log.warning("hello_bad_token", peer=key, sender=msg.sender_id)
+            self._send(identity, m.Error(cid=msg.cid, error="auth", detail="bad or missing token"))
+            return
+        token = int.from_bytes(os.urandom(8), "little")
+        info = PeerInfo(msg.sender_id, identity, token)
+        self.peers[key] = info
+        self._by_token[token] = info
+        self._send(identity, m.HelloOk(cid=msg.cid, receiver_id=self.cfg.receiver_id, capabilities=["tcp"],
+                                       data_address=self.data_address, conn_token=token,
+                                       lease_ms=int(self.cfg.lease_s * 1000)))
+
+    def _on_reserve(self, identity: bytes, key: str, msg: m.Reserve, now: float) -> None:
+        payload = Payload(tuple(msg.chunk_sizes))
+        res = self.admission.reserve(msg.tid, key, payload.total_bytes, now=now, deadline=now + msg.deadline_ms / 1000)
+        self.failures.pop(msg.tid, None)
+        if isinstance(res, Rejected):
+            log.info("reserve_rejected", transfer_id=msg.tid, peer=key, reason=res.reason.value, detail=res.detail)
+            self._send(identity, m.Reject(cid=msg.cid, tid=msg.tid, reason=res.reason.value, detail=res.detail))
+            return
+        self._reply_to[msg.tid] = (identity, msg.cid)
+        if isinstance(res, Queued):
+            self.pending[msg.tid] = Pending(identity, msg.cid, payload)
+            self._send(identity, m.Queued(cid=msg.cid, tid=msg.tid, position=res.position))
+        else:
+            self._open(res, payload)
+
+    def _open(self, grant: Grant, payload: Payload) -> None:
+        slot = self._next_slot
+        self._next_slot += 1
+        view = self.region[grant.offset : grant.offset + payload.total_bytes]
+        self.inbound[slot] = InboundTransfer(grant.transfer_id, grant.peer, slot, payload, view)
+        self._slot_of[grant.transfer_id] = slot
+        identity, cid = self._reply_to[grant.transfer_id]
+        self._send(identity, m.Grant(cid=cid, tid=grant.transfer_id, slot=slot, lease_ms=int(self.cfg.lease_s * 1000)))
+
+    def _owner(self, tid: str) -> str | None:
+        view = self.admission.get(tid)
+        return view.peer if view is not None else None
+
+    def _on_commit(self, identity: bytes, msg: m.Commit) -> None:
+        slot = self._slot_of.get(msg.tid)
+        t = self.inbound.get(slot) if slot is not None else None
+        if t is None or t.peer != identity.decode(errors="replace"):
+            err = self.failures.get(msg.tid)
+            self._send(identity, m.Failed(cid=msg.cid, tid=msg.tid, error="aborted",
+                                          detail=str(err) if err else "unknown or ended transfer"))
+            return
+        try:
+            t.commit(msg.digest)
+        except ProtocolError as exc:
+            self._fail_transfer(t, exc, "protocol")
+            return
+        if t.ready_to_verify:
+            self._verify(t)
+
+    # ------------------------------------------------------------------ data path (DataSink)
+    def resolve(self, conn: DataServerProtocol, header: f.FrameHeader) -> memoryview | None:
+        t = self.inbound.get(header.slot)
+        if t is None:
+            if header.slot < self._next_slot:
+                return None  # the transfer ended meanwhile: read and discard
+            raise ProtocolError(f"data frame for slot {header.slot} that was never granted")
+        info = self._by_token.get(conn.conn_token or -1)
+        if info is None or info.identity.decode(errors="replace") != t.peer:
+            raise ProtocolError(f"slot {header.slot} belongs to another peer", transfer_id=t.tid)
+        self.admission.renew(t.tid, now=self.loop.time())
+        return t.destination(header)
+
+    def on_frame(self, conn: DataServerProtocol, event: f.FrameEvent) -> None:
+        if isinstance(event, f.ConnectionHello):
+            info = self._by_token.get(event.conn_token)
+            if info is None:
+                raise ProtocolError("data connection with an unknown token")
+            if info.conn is not None:
+                raise ProtocolError("second data connection for one peer")
+            info.conn = conn
+        elif isinstance(event, f.ChunkReceived):
+            t = self.inbound.get(event.header.slot)
+            if t is None:
+                return
+            try:
+                t.chunk_arrived(event.header, event.view)
+            except IntegrityError as exc:
+                self._fail_transfer(t, exc, "integrity")
+                return
+            if t.ready_to_verify:
+                self._verify(t)
+
+    def on_lost(self, conn: DataServerProtocol, error: Exception | None) -> None:
+        info = self._by_token.get(conn.conn_token or -1)
+        if info is None or info.conn is not conn:
+            return
+        key = info.identity.decode(errors="replace")
+        self.peers.pop(key, None)
+        self._by_token.pop(info.conn_token, None)
+        log.warning("peer_lost", peer=key, sender=info.sender_id, error=str(error) if error else "closed")
+        self._handle(self.admission.peer_lost(key, now=self.loop.time()))
+        self._schedule()
+
+    # ------------------------------------------------------------------ completion
+    def _verify(self, t: InboundTransfer) -> None:
+        try:
+            t.verify()
+        except IntegrityError as exc:
+            self._fail_transfer(t, exc, "integrity")
+            return
+        now = self.loop.time()
+        self.admission.deliver(t.tid, now=now, claim_deadline=now + self.cfg.claim_timeout_s)
+        self._drop_inbound(t.tid)
+        identity, cid = self._reply_to.pop(t.tid)
+        self._send(identity, m.Done(cid=cid, tid=t.tid))
+        received = self._make_received(t.tid, t.peer, t.payload, t.region)
+        waiters = self.waiters.pop(t.tid, [])
+        live = [w for w in waiters if not w.done()]
+        if live or self.on_transfer is not None:
+            self.admission.claim(t.tid)
+            for w in live:
+                w.set_result(received)
+            if not live and self.on_transfer is not None:
+                self.on_transfer(received)
+        else:
+            self.delivered[t.tid] = received
+        self._schedule()
+
+    def _fail_transfer(self, t: InboundTransfer, exc: PdxferError, error: str) -> None:
+        log.error("transfer_failed", transfer_id=t.tid, peer=t.peer, error=str(exc))
+        t.fail()
+        reply = self._reply_to.get(t.tid)
+        if reply is not None:
+            self._send(reply[0], m.Failed(cid=reply[1], tid=t.tid, error=error, detail=str(exc)))
+        self._remember(t.tid, exc)
+        self._handle(self.admission.abort(t.tid, EndReason.ABORTED, now=self.loop.time()), notify=False)
+        self._schedule()
+
+    def _drop_inbound(self, tid: str) -> None:
+        slot = self._slot_of.pop(tid, None)
+        if slot is not None:
+            self.inbound.pop(slot, None)
+
+    def _remember(self, tid: str, exc: PdxferError) -> None:
+        self.failures[tid] = exc
+        while len(self.failures) > self.cfg.remember_failures:
+            self.failures.popitem(last=False)
+        for w in self.waiters.pop(tid, []):
+            if not w.done():
+                w.set_exception(exc)
+
+    def _handle(self, events: list, *, notify: bool = True) -> None:
+        for ev in events:
+            if isinstance(ev, Granted):
+                p = self.pending.pop(ev.grant.transfer_id)
+                self._open(ev.grant, p.payload)
+            elif isinstance(ev, Ended):
+                self._on_ended(ev, notify)
+
+    def _on_ended(self, ev: Ended, notify: bool) -> None:
+        tid = ev.transfer_id
+        self.pending.pop(tid, None)
+        slot = self._slot_of.get(tid)
+        if slot is not None:
+            self.inbound[slot].fail()
+        self._drop_inbound(tid)
+        received = self.delivered.pop(tid, None)
+        if received is not None:
+            received._invalidate()
+        reply = self._reply_to.pop(tid, None)
+        if ev.reason == EndReason.RELEASED:
+            return
+        cls, code = _END_ERRORS[ev.reason]
+        err = cls(f"reservation ended: {ev.reason.value}", transfer_id=tid, peer=ev.peer, waiting_for=ev.state.value)
+        log.warning("reservation_ended", transfer_id=tid, peer=ev.peer, reason=ev.reason.value, state=ev.state.value)
+        if notify and reply is not None and ev.reason not in (EndReason.PEER_LOST, EndReason.ABORTED):
+            if ev.reason == EndReason.QUEUE_TIMEOUT:
+                self._send(reply[0], m.Reject(cid=reply[1], tid=tid, reason="queue_timeout", detail=str(err)))
+            else:
+                self._send(reply[0], m.Failed(cid=reply[1], tid=tid, error=code, detail=str(err)))
+        if tid not in self.failures:
+            self._remember(tid, err)
+
+    # ------------------------------------------------------------------ consumer side
+    def wait(self, tid: str) -> asyncio.Future:
+        fut = self.loop.create_future()
+        received = self.delivered.pop(tid, None)
+        if received is not None:
+            self.admission.claim(tid)
+            fut.set_result(received)
+        elif tid in self.failures:
+            fut.set_exception(self.failures[tid])
+        else:
+            self.waiters.setdefault(tid, []).append(fut)
+        return fut
+
+    def release(self, tid: str) -> None:
+        view = self.admission.get(tid)
+        if view is None:
+            return  # already ended (shutdown, claim timeout): releasing twice is harmless
+        self._handle(self.admission.release(tid, now=self.loop.time()))
+        self._schedule()
+
+    def shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for ev in self.admission.shutdown(now=self.loop.time()):
+            self._on_ended(ev, notify=True)
+        for tid, ws in list(self.waiters.items()):
+            for w in ws:
+                if not w.done():
+                    w.set_exception(TransferAborted("receiver shut down", transfer_id=tid, waiting_for="delivery"))
+        self.waiters.clear()
+
+    # ------------------------------------------------------------------ timers / io
+    def _schedule(self) -> None:
+        nd = self.admission.next_deadline()
+        if nd is None:
+            return
+        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= nd:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(nd, self._tick, nd)
+
+    def _tick(self, due: float) -> None:
+        self._timer = None
+        # call_at may fire up to one clock tick early; never tick before the due time
+        self._handle(self.admission.tick(max(self.loop.time(), due)))
+        self._schedule()
+
+    def _send(self, identity: bytes, msg: m.Message) -> None:
+        if self.control is not None:
+            self.control.send(identity, msg)

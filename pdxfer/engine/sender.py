@@ -1,0 +1,220 @@
+"""`Sender`: the prefill side's handle on pdxfer.
+
+The engine thread calls `open()` / `put()` / `submit()`; they return at once (put()
+waits only when the memory budget is full, with a deadline), the checksum of each chunk
+is computed in the caller's thread, and everything that touches the network runs on
+the sender's own uvloop thread. Results come back as `concurrent.futures.Future`s:
+`.result(timeout)` from sync code, `await asyncio.wrap_future(f)` from asyncio code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Sequence
+
+import structlog
+import zmq.asyncio
+
+from pdxfer.engine.config import SenderConfig
+from pdxfer.engine.lane import Lane, OutCtx, TransferResult
+from pdxfer.engine.runtime import LoopThread
+from pdxfer.errors import PdxferError, TransferAborted
+from pdxfer.layout.payload import Payload
+from pdxfer.protocol.checksum import chunk_checksum
+from pdxfer.protocol.outbound import OutboundTransfer
+from pdxfer.sendq import MemoryBudget
+
+log = structlog.get_logger("pdxfer.sender")
+
+__all__ = ["Sender", "OutboundHandle", "TransferResult"]
+
+
+def as_bytes_view(buf: Any) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (bytes, numpy, torch CPU via .numpy())."""
+    mv = memoryview(buf)
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    if not mv.c_contiguous:
+        raise ValueError("chunk buffers must be C-contiguous")
+    return mv.cast("B")
+
+
+class OutboundHandle:
+    """One transfer being produced: hand chunks over as they are ready."""
+
+    def __init__(self, sender: "Sender", ctx: OutCtx) -> None:
+        self._sender = sender
+        self._ctx = ctx
+        self.transfer_id = ctx.out.tid
+        self.payload = ctx.out.payload
+        self.future: concurrent.futures.Future[TransferResult] = ctx.future
+        self._lock = threading.Lock()
+        self._put: set[int] = set()
+
+    def put(self, index: int, buffer: Any, *, timeout: float | None = None) -> None:
+        """Queue chunk `index`. The buffer must stay unchanged until the future resolves
+        (or use `release` semantics of a later spill tier); it is not copied."""
+        view = as_bytes_view(buffer)
+        _, length = self.payload.chunk_range(index)
+        if view.nbytes != length:
+            raise ValueError(f"transfer {self.transfer_id}: chunk {index} has {view.nbytes} bytes, payload says {length}")
+        with self._lock:
+            if index in self._put:
+                raise ValueError(f"transfer {self.transfer_id}: chunk {index} submitted twice")
+            self._put.add(index)
+        if self.future.done():
+            exc = self.future.exception()
+            raise exc if exc is not None else TransferAborted("transfer already finished", transfer_id=self.transfer_id)
+        checksum = chunk_checksum(view)
+        budget = self._sender._budget
+        budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
+                       transfer_id=self.transfer_id)
+        try:
+            self._sender._rt.call(self._sender._on_chunk, self._ctx, index, view, checksum)
+        except RuntimeError:  # loop closed under us
+            budget.release(length)
+            raise TransferAborted("sender is closed", transfer_id=self.transfer_id) from None
+
+    def abort(self, reason: str = "aborted by caller") -> None:
+        self._sender._rt.call(self._sender._abort, self._ctx, reason)
+
+
+class Sender:
+    def __init__(self, config: SenderConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = SenderConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a SenderConfig or keyword overrides, not both")
+        self.config = config
+        self._budget = MemoryBudget(config.memory_budget)
+        self._rt = LoopThread(f"pdxfer-sender-{config.sender_id}")
+        self._lanes: dict[str, Lane] = {}
+        self._zctx: zmq.asyncio.Context | None = None
+        self._closed = False
+        self._started = False
+        self._ids_lock = threading.Lock()
+        self._live_ids: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Sender":
+        if not self._started:
+            self._rt.start()
+            self._zctx = self._rt.run(self._make_ctx(), timeout=10)
+            self._started = True
+        return self
+
+    async def _make_ctx(self) -> zmq.asyncio.Context:
+        return zmq.asyncio.Context()
+
+    def __enter__(self) -> "Sender":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail every live transfer with TransferAborted, close sockets, stop the loop."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            self._rt.run(self._aclose(), timeout)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            log.error("sender_close_incomplete", error=repr(exc))
+        self._rt.stop(timeout)
+
+    async def _aclose(self) -> None:
+        await asyncio.gather(*(lane.close() for lane in list(self._lanes.values())), return_exceptions=True)
+        if self._zctx is not None:
+            self._zctx.term()
+
+    @property
+    def budget_used(self) -> int:
+        return self._budget.used
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return self._budget
+
+    # ------------------------------------------------------------------ API
+    def open(self, peer: str, transfer_id: str, payload: Payload, *, deadline_s: float | None = None) -> OutboundHandle:
+        """Start a transfer of `payload` to the receiver at `peer` (its control address)."""
+        if self._closed or not self._started:
+            raise TransferAborted("sender is not running", transfer_id=transfer_id, peer=peer)
+        if not transfer_id or len(transfer_id) > 256:
+            raise ValueError(f"transfer id must be 1..256 characters, got {len(transfer_id)}")
+        with self._ids_lock:
+            if transfer_id in self._live_ids:
+                raise ValueError(f"transfer {transfer_id} is already in flight on this sender")
+            self._live_ids.add(transfer_id)
+        fut: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
+        fut.add_done_callback(lambda _f: self._forget_id(transfer_id))
+        ctx = OutCtx(OutboundTransfer(transfer_id, peer, payload), fut, deadline=0.0, started=0.0,
+                     log=log.bind(transfer_id=transfer_id, peer=peer))
+        self._rt.call(self._begin, ctx, self.config.deadline_s if deadline_s is None else deadline_s)
+        return OutboundHandle(self, ctx)
+
+    def submit(self, peer: str, transfer_id: str, chunks: Sequence[Any], *, deadline_s: float | None = None,
+               submit_timeout_s: float | None = None) -> "concurrent.futures.Future[TransferResult]":
+        """Send a whole list of chunk buffers as one transfer."""
+        views = [as_bytes_view(c) for c in chunks]
+        handle = self.open(peer, transfer_id, Payload.of(views), deadline_s=deadline_s)
+        try:
+            for i, v in enumerate(views):
+                handle.put(i, v, timeout=submit_timeout_s)
+        except PdxferError as exc:
+            handle.abort(str(exc))
+            raise
+        return handle.future
+
+    def _forget_id(self, tid: str) -> None:
+        with self._ids_lock:
+            self._live_ids.discard(tid)
+
+    # ------------------------------------------------------------------ loop side
+    def _lane(self, peer: str) -> Lane:
+        lane = self._lanes.get(peer)
+        if lane is None or lane.state == "dead":
+            assert self._zctx is not None
+            lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed)
+            self._lanes[peer] = lane
+        return lane
+
+    def _lane_closed(self, lane: Lane) -> None:
+        if self._lanes.get(lane.address) is lane:
+            del self._lanes[lane.address]
+
+    def _begin(self, ctx: OutCtx, deadline_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        ctx.started = loop.time()
+        ctx.deadline = ctx.started + deadline_s
+        if ctx.future.done():  # aborted before the loop saw it
+            return
+        lane = self._lane(ctx.out.peer)
+        ctx.extra["lane"] = lane
+        ctx.timer = loop.call_at(ctx.deadline, lane.on_deadline, ctx)
+        lane.add(ctx)
+
+    def _on_chunk(self, ctx: OutCtx, index: int, view: memoryview, checksum: int) -> None:
+        lane: Lane | None = ctx.extra.get("lane")
+        if ctx.out.terminal or lane is None:
+            self._budget.release(view.nbytes)
+            return
+        try:
+            ctx.out.add_chunk(index, view, checksum)
+        except ValueError as exc:
+            self._budget.release(view.nbytes)
+            lane.fail(ctx, TransferAborted(str(exc), transfer_id=ctx.out.tid, peer=ctx.out.peer))
+            return
+        lane.chunks_ready(ctx)
+
+    def _abort(self, ctx: OutCtx, reason: str) -> None:
+        lane: Lane | None = ctx.extra.get("lane")
+        err = TransferAborted(reason, transfer_id=ctx.out.tid, peer=ctx.out.peer)
+        if lane is not None:
+            lane.fail(ctx, err)
+        elif not ctx.future.done():
+            ctx.future.set_exception(err)

@@ -1,0 +1,149 @@
+"""Control-channel messages (ZMQ bodies), encoded with msgspec msgpack.
+
+Every message carries the protocol version `v` and a correlation id `cid` so that many
+requests to one peer can be outstanding at once and nothing ever holds a per-peer lock
+across a round trip. Replies echo the request's `cid`. A RESERVE may be answered twice
+(QUEUED, later GRANT or REJECT); both carry the RESERVE's `cid`.
+
+Deadlines travel as *remaining milliseconds*, never as absolute times: the two hosts'
+clocks are unrelated, and each side turns the budget into its own monotonic deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from pdxfer.errors import ProtocolError
+from pdxfer.layout.payload import MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_TRANSFER_BYTES
+
+PROTOCOL_VERSION = 1
+MAX_CONTROL_MESSAGE = 16 << 20  # a RESERVE with MAX_CHUNKS sizes fits comfortably
+MAX_ID_LEN = 256
+
+
+class _Msg(msgspec.Struct, tag_field="t", kw_only=True, frozen=True):
+    v: int = PROTOCOL_VERSION
+    cid: int
+
+
+class Hello(_Msg, tag="hello"):
+    sender_id: str
+    capabilities: list[str] = []
+    token: str | None = None
+
+
+class HelloOk(_Msg, tag="hello_ok"):
+    receiver_id: str
+    capabilities: list[str]
+    data_address: str  # "host:port" of the TCP data listener
+    conn_token: int  # the sender opens its data connection with this token
+    lease_ms: int
+
+
+class Reserve(_Msg, tag="reserve"):
+    tid: str
+    total_bytes: int
+    chunk_sizes: list[int]
+    deadline_ms: int
+
+
+class Grant(_Msg, tag="grant"):
+    tid: str
+    slot: int  # receiver-issued handle that DATA frames carry; never reused
+    lease_ms: int
+
+
+class Queued(_Msg, tag="queued"):
+    tid: str
+    position: int
+
+
+class Reject(_Msg, tag="reject"):
+    tid: str
+    reason: str
+    detail: str = ""
+
+
+class Commit(_Msg, tag="commit"):
+    tid: str
+    digest: int
+
+
+class Done(_Msg, tag="done"):
+    tid: str
+
+
+class Failed(_Msg, tag="failed"):
+    tid: str
+    error: str  # "integrity" | "lease_expired" | "deadline" | "aborted" | "protocol" | "shutdown"
+    detail: str = ""
+
+
+class Abort(_Msg, tag="abort"):
+    tid: str
+    reason: str = ""
+
+
+class Heartbeat(_Msg, tag="heartbeat"):
+    pass
+
+
+class HeartbeatAck(_Msg, tag="heartbeat_ack"):
+    pass
+
+
+class Error(_Msg, tag="error"):
+    """Reply to a request the receiver could not even parse or accept (bad HELLO)."""
+
+    error: str
+    detail: str = ""
+
+
+Message = Union[
+    Hello, HelloOk, Reserve, Grant, Queued, Reject, Commit, Done, Failed, Abort,
+    Heartbeat, HeartbeatAck, Error,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | memoryview) -> Message:
+    """Decode and validate one control body; raises ProtocolError naming the defect."""
+    if len(data) > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(f"control message of {len(data)} bytes exceeds {MAX_CONTROL_MESSAGE}")
+    try:
+        msg = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable control message: {exc}") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {msg.v} not supported (want {PROTOCOL_VERSION})")
+    _validate(msg)
+    return msg
+
+
+def _validate(msg: Message) -> None:
+    tid = getattr(msg, "tid", None)
+    if tid is not None and not 0 < len(tid) <= MAX_ID_LEN:
+        raise ProtocolError(f"transfer id length {len(tid)} outside 1..{MAX_ID_LEN}")
+    if isinstance(msg, Reserve):
+        n = len(msg.chunk_sizes)
+        if not 0 < n <= MAX_CHUNKS:
+            raise ProtocolError(f"reserve {msg.tid}: chunk count {n} outside 1..{MAX_CHUNKS}")
+        if any(s <= 0 or s > MAX_CHUNK_BYTES for s in msg.chunk_sizes):
+            raise ProtocolError(f"reserve {msg.tid}: a chunk size is outside 1..{MAX_CHUNK_BYTES}")
+        if sum(msg.chunk_sizes) != msg.total_bytes or msg.total_bytes > MAX_TRANSFER_BYTES:
+            raise ProtocolError(
+                f"reserve {msg.tid}: total_bytes {msg.total_bytes} != sum of chunk sizes"
+                f" {sum(msg.chunk_sizes)} (or above {MAX_TRANSFER_BYTES})"
+            )
+        if msg.deadline_ms <= 0:
+            raise ProtocolError(f"reserve {msg.tid}: deadline_ms {msg.deadline_ms} must be > 0")
+    elif isinstance(msg, Hello) and not 0 < len(msg.sender_id) <= MAX_ID_LEN:
+        raise ProtocolError(f"hello: sender_id length {len(msg.sender_id)} outside 1..{MAX_ID_LEN}")

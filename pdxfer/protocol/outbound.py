@@ -1,0 +1,66 @@
+"""Sender-side record of one transfer: its state, which chunks are ready, which went
+out, and the digest to commit. No I/O: the lane asks it what to send next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdxfer.layout.payload import Payload
+from pdxfer.protocol.checksum import transfer_digest
+from pdxfer.protocol.states import OUT_TRANSITIONS, OutEvent, OutState, step
+
+
+class OutboundTransfer:
+    def __init__(self, tid: str, peer: str, payload: Payload) -> None:
+        self.tid = tid
+        self.peer = peer
+        self.payload = payload
+        self.state = OutState.WAITING_PEER
+        self.slot: int | None = None
+        self.cid: int | None = None
+        self._ready: dict[int, tuple[Any, int]] = {}  # index -> (buffer, checksum)
+        self._next_to_queue = 0  # chunks are released to the wire strictly in order
+        self._checksums: list[int | None] = [None] * payload.chunk_count
+        self.sent_chunks = 0
+
+    def on(self, event: OutEvent) -> OutState:
+        self.state = step(OUT_TRANSITIONS, self.state, event, f"transfer {self.tid}")  # type: ignore[assignment]
+        return self.state
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (OutState.DONE, OutState.FAILED)
+
+    def add_chunk(self, index: int, buffer: Any, checksum: int) -> None:
+        offset, length = self.payload.chunk_range(index)
+        if memoryview(buffer).nbytes != length:
+            raise ValueError(f"transfer {self.tid}: chunk {index} has {memoryview(buffer).nbytes} bytes, payload says {length}")
+        if self._checksums[index] is not None or index in self._ready:
+            raise ValueError(f"transfer {self.tid}: chunk {index} submitted twice")
+        self._ready[index] = (buffer, checksum)
+        self._checksums[index] = checksum
+
+    def take_sendable(self) -> list[tuple[int, Any, int]]:
+        """Chunks that may go on the wire now: granted, and contiguous from the next index."""
+        out = []
+        if self.state != OutState.GRANTED:
+            return out
+        while self._next_to_queue in self._ready:
+            buf, csum = self._ready.pop(self._next_to_queue)
+            out.append((self._next_to_queue, buf, csum))
+            self._next_to_queue += 1
+        return out
+
+    def drop_buffers(self) -> list[Any]:
+        """Forget queued buffers (failure path); returns them so their budget is released."""
+        bufs = [b for b, _ in self._ready.values()]
+        self._ready.clear()
+        return bufs
+
+    @property
+    def all_sent(self) -> bool:
+        return self.sent_chunks == self.payload.chunk_count
+
+    def digest(self) -> int:
+        assert all(c is not None for c in self._checksums)
+        return transfer_digest(self._checksums)  # type: ignore[arg-type]
