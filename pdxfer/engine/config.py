@@ -25,6 +25,10 @@ class SenderConfig:
     heartbeat_s: float = 1.0
     peer_timeout_s: float = 5.0  # no reply at all for this long while transfers are active
     lane_idle_s: float = 30.0  # close a peer's sockets after this long with nothing to do
+    # True: hash each chunk in put(), on the caller's thread. That also catches a caller
+    # that reuses a buffer before it was sent, at the cost of one extra pass over cold
+    # memory. False: hash on the send thread right before the bytes go out, cache-hot.
+    checksum_on_put: bool = True
 
     def __post_init__(self) -> None:
         for name in ("deadline_s", "submit_timeout_s", "handshake_timeout_s", "heartbeat_s", "peer_timeout_s", "lane_idle_s"):

@@ -27,6 +27,7 @@ from pdxfer.errors import (
     RejectReason, TransferAborted, TransferTimeout,
 )
 from pdxfer.protocol import messages as m
+from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutEvent, OutState
 from pdxfer.sendq import MemoryBudget, PeerQueue
@@ -146,8 +147,12 @@ class Lane:
                 continue
             t = item.transfer
             offset, size = t.payload.chunk_range(item.index)
+            checksum = item.checksum
+            if checksum is None:
+                checksum = chunk_checksum(item.buffer)
+                t.record_checksum(item.index, checksum)
             try:
-                await self.data.send_chunk(t.slot, item.index, offset, item.buffer, item.checksum)  # type: ignore[arg-type]
+                await self.data.send_chunk(t.slot, item.index, offset, item.buffer, checksum)  # type: ignore[arg-type]
             finally:
                 self.budget.release(size)
             t.sent_chunks += 1

@@ -190,7 +190,7 @@ class ReceiverCore:
             if t is None:
                 return
             try:
-                t.chunk_arrived(event.header, event.view)
+                t.chunk_arrived(event.header, event.view, event.checksum)
             except IntegrityError as exc:
                 self._fail_transfer(t, exc, "integrity")
                 return

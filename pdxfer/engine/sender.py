@@ -67,7 +67,7 @@ class OutboundHandle:
         if self.future.done():
             exc = self.future.exception()
             raise exc if exc is not None else TransferAborted("transfer already finished", transfer_id=self.transfer_id)
-        checksum = chunk_checksum(view)
+        checksum = chunk_checksum(view) if self._sender.config.checksum_on_put else None
         budget = self._sender._budget
         budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
                        transfer_id=self.transfer_id)
@@ -198,7 +198,7 @@ class Sender:
         ctx.timer = loop.call_at(ctx.deadline, lane.on_deadline, ctx)
         lane.add(ctx)
 
-    def _on_chunk(self, ctx: OutCtx, index: int, view: memoryview, checksum: int) -> None:
+    def _on_chunk(self, ctx: OutCtx, index: int, view: memoryview, checksum: int | None) -> None:
         lane: Lane | None = ctx.extra.get("lane")
         if ctx.out.terminal or lane is None:
             self._budget.release(view.nbytes)

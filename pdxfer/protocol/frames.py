@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import xxhash
+
 from pdxfer.errors import ProtocolError
 from pdxfer.layout.payload import MAX_CHUNK_BYTES
 
@@ -68,10 +70,15 @@ class ConnectionHello:
 
 @dataclass(frozen=True, slots=True)
 class ChunkReceived:
-    """All payload bytes of a frame have landed in the buffer the resolver gave."""
+    """All payload bytes of a frame have landed in the buffer the resolver gave.
+
+    `checksum` is the xxh3-64 of those bytes, computed piece by piece as each
+    `recv_into` completed, while the piece was still in L1/L2 cache: re-reading a
+    2 MiB chunk afterwards cost the receiver ~30% more CPU per GB here."""
 
     header: FrameHeader
     view: memoryview
+    checksum: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,7 @@ class FrameParser:
         self._discard: memoryview | None = None
         self._remaining = 0  # bytes of payload still to discard
         self._hello_seen = False
+        self._hasher = xxhash.xxh3_64()
 
     @property
     def mid_frame(self) -> bool:
@@ -121,11 +129,12 @@ class FrameParser:
         if nbytes <= 0:
             return []
         if self._target is not None:
+            self._hasher.update(self._target[self._filled : self._filled + nbytes])
             self._filled += nbytes
             if self._filled < len(self._target):
                 return []
             assert self._header is not None
-            event: FrameEvent = ChunkReceived(self._header, self._target)
+            event: FrameEvent = ChunkReceived(self._header, self._target, self._hasher.intdigest())
             self._target, self._header, self._filled = None, None, 0
             return [event]
         if self._remaining:
@@ -160,4 +169,5 @@ class FrameParser:
                 f"resolver gave {len(target)} bytes for a {header.length}-byte frame"
             )
         self._target = target
+        self._hasher.reset()
         return []

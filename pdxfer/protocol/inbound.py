@@ -49,11 +49,13 @@ class InboundTransfer:
         self._in_flight.add(i)
         return self.region[offset : offset + length]
 
-    def chunk_arrived(self, header: FrameHeader, view: memoryview) -> None:
-        """Verify a landed chunk; IntegrityError on a checksum mismatch."""
+    def chunk_arrived(self, header: FrameHeader, view: memoryview, actual: int | None = None) -> None:
+        """Verify a landed chunk (`actual`: checksum the transport already computed
+        while the bytes landed); IntegrityError on a mismatch."""
         i = header.chunk_index
         self._in_flight.discard(i)
-        actual = chunk_checksum(view)
+        if actual is None:
+            actual = chunk_checksum(view)
         if actual != header.checksum:
             raise IntegrityError(
                 f"chunk {i} checksum {actual:#018x} != sent {header.checksum:#018x}",

@@ -18,7 +18,8 @@ class OutboundTransfer:
         self.state = OutState.WAITING_PEER
         self.slot: int | None = None
         self.cid: int | None = None
-        self._ready: dict[int, tuple[Any, int]] = {}  # index -> (buffer, checksum)
+        self._ready: dict[int, tuple[Any, int | None]] = {}  # index -> (buffer, checksum or None: hash at send)
+        self._seen: set[int] = set()
         self._next_to_queue = 0  # chunks are released to the wire strictly in order
         self._checksums: list[int | None] = [None] * payload.chunk_count
         self.sent_chunks = 0
@@ -31,16 +32,21 @@ class OutboundTransfer:
     def terminal(self) -> bool:
         return self.state in (OutState.DONE, OutState.FAILED)
 
-    def add_chunk(self, index: int, buffer: Any, checksum: int) -> None:
+    def add_chunk(self, index: int, buffer: Any, checksum: int | None) -> None:
         offset, length = self.payload.chunk_range(index)
         if memoryview(buffer).nbytes != length:
             raise ValueError(f"transfer {self.tid}: chunk {index} has {memoryview(buffer).nbytes} bytes, payload says {length}")
-        if self._checksums[index] is not None or index in self._ready:
+        if index in self._seen:
             raise ValueError(f"transfer {self.tid}: chunk {index} submitted twice")
+        self._seen.add(index)
         self._ready[index] = (buffer, checksum)
         self._checksums[index] = checksum
 
-    def take_sendable(self) -> list[tuple[int, Any, int]]:
+    def record_checksum(self, index: int, checksum: int) -> None:
+        """Checksum computed at send time (the chunk was handed over without one)."""
+        self._checksums[index] = checksum
+
+    def take_sendable(self) -> list[tuple[int, Any, int | None]]:
         """Chunks that may go on the wire now: granted, and contiguous from the next index."""
         out = []
         if self.state != OutState.GRANTED:

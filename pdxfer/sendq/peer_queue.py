@@ -19,7 +19,7 @@ class SendItem(NamedTuple):
     transfer: OutboundTransfer
     index: int
     buffer: Any
-    checksum: int
+    checksum: int | None  # None: hash right before sending, while the bytes are cache-hot
 
 
 class PeerQueue:

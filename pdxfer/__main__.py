@@ -1,0 +1,5 @@
+import sys
+
+from pdxfer.cli import main
+
+sys.exit(main())

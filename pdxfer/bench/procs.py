@@ -1,0 +1,68 @@
+"""Start helper processes for benches and tests, and always end them by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+
+class ChildProcess:
+    """A child that prints one JSON line when ready; killed (by pid) on close."""
+
+    def __init__(self, argv: Sequence[str], *, ready_timeout: float = 30.0, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        try:
+            self.info: dict[str, Any] = json.loads(self._readline(ready_timeout))
+        except BaseException:
+            self.kill()
+            raise
+
+    def _readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"child {self.pid} printed nothing within {timeout}s")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"child {self.pid} exited with {self.proc.wait(5)} before it was ready")
+                return line
+
+    def stop(self, timeout: float = 15.0) -> dict[str, Any] | None:
+        """Ask politely (SIGTERM), read its final JSON line, and kill if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            final = self._readline(timeout)
+            self.proc.wait(timeout)
+            return json.loads(final)
+        except (TimeoutError, RuntimeError, ValueError, subprocess.TimeoutExpired):
+            return None
+        finally:
+            self.kill()
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def receiver_argv(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "pdxfer", "--log-level", "warning", "receiver", "--exit-on-stdin-eof", *extra]

@@ -1,0 +1,64 @@
+"""`pdxfer receiver`: a standalone receiver process for demos, benches and tests.
+
+It prints one JSON line with its addresses, serves until SIGTERM/SIGINT (or stdin EOF
+with --exit-on-stdin-eof, so a parent that dies takes it along), releases every
+delivered transfer after optional pattern verification, and prints a final JSON line
+with counts and the admission ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from pdxfer.bench import pattern
+from pdxfer.engine import ReceivedTransfer, Receiver, ReceiverConfig
+from pdxfer.units import parse_size
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--capacity", type=parse_size, default=parse_size("1GiB"), help="receive buffer bytes (e.g. 512MiB)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--control-port", type=int, default=0)
+    p.add_argument("--data-port", type=int, default=0)
+    p.add_argument("--lease", type=float, default=10.0, help="seconds a silent sender keeps its reservation")
+    p.add_argument("--token", default=None)
+    p.add_argument("--verify-pattern", action="store_true", help="check bytes against pdxfer.bench.pattern")
+    p.add_argument("--exit-on-stdin-eof", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = ReceiverConfig(capacity=args.capacity, host=args.host, control_port=args.control_port,
+                         data_port=args.data_port, lease_s=args.lease, token=args.token)
+    stats = {"transfers": 0, "bytes": 0, "verified": 0, "mismatched": []}
+    stop = threading.Event()
+
+    def on_transfer(rx: ReceivedTransfer) -> None:
+        try:
+            if args.verify_pattern:
+                for i in range(rx.payload.chunk_count):
+                    if not pattern.check(rx.chunk(i), rx.transfer_id, i):
+                        stats["mismatched"].append(f"{rx.transfer_id}/{i}")
+                        break
+                else:
+                    stats["verified"] += 1
+            stats["transfers"] += 1
+            stats["bytes"] += rx.payload.total_bytes
+        finally:
+            rx.release()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with Receiver(cfg) as rx:
+        rx.on_transfer(on_transfer)
+        print(json.dumps({"control": rx.control_address, "data": rx.data_address}), flush=True)
+        if args.exit_on_stdin_eof:
+            threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+        while not stop.wait(3600):
+            pass
+        ledger = rx.ledger().to_dict()
+    print(json.dumps({"stats": stats, "ledger": ledger}), flush=True)
+    return 0

@@ -1,0 +1,115 @@
+"""`pdxfer bench transfer`: pdxfer vs a raw-socket baseline, paired, in one run.
+
+Loopback throughput here swings up to 2x between runs, so a ratio of two separately
+measured medians is noise. We alternate baseline and pdxfer runs (A B A B …) over the
+same bytes and report the median of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import time
+import uuid
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from pdxfer.bench import rawsock
+from pdxfer.bench.procs import ChildProcess, receiver_argv
+from pdxfer.engine import Sender
+from pdxfer.layout.payload import Payload
+from pdxfer.units import format_size, parse_size
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["tcp"], default="tcp")
+    p.add_argument("--chunk-size", type=parse_size, action="append", dest="chunk_sizes",
+                   help="repeatable; default 256KiB, 2MiB, 16MiB")
+    p.add_argument("--concurrency", type=int, action="append", dest="concurrencies",
+                   help="transfers in flight (repeatable; default 1 and 4)")
+    p.add_argument("--total", type=parse_size, default=parse_size("1GiB"), help="bytes per measured run")
+    p.add_argument("--transfer-size", type=parse_size, default=parse_size("64MiB"))
+    p.add_argument("--pairs", type=int, default=5, help="baseline/pdxfer run pairs per configuration")
+    p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
+
+
+def _pdxfer_run(sender: Sender, peer: str, buf: np.ndarray, chunk: int, total: int, concurrency: int) -> float:
+    payload = Payload.uniform(len(buf), chunk)
+    views = [memoryview(buf)[o : o + n] for o, n in zip(payload.offsets, payload.chunk_sizes)]
+    n_transfers = max(1, total // len(buf))
+    inflight: set[concurrent.futures.Future] = set()
+    t0 = time.perf_counter()
+    for _ in range(n_transfers):
+        while len(inflight) >= concurrency:
+            done, inflight = concurrent.futures.wait(inflight, timeout=120, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                f.result()
+        h = sender.open(peer, uuid.uuid4().hex, payload, deadline_s=120)
+        for i, v in enumerate(views):
+            h.put(i, v, timeout=120)
+        inflight.add(h.future)
+    for f in concurrent.futures.as_completed(inflight, timeout=120):
+        f.result()
+    return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> int:
+    chunks = args.chunk_sizes or [parse_size(s) for s in ("256KiB", "2MiB", "16MiB")]
+    concs = args.concurrencies or [1, 4]
+    if args.pairs < 1 or any(c < 1 for c in concs):
+        raise SystemExit("--pairs and --concurrency must be >= 1")
+    console = Console(stderr=True)
+    tsize = args.transfer_size
+    for c in chunks:
+        if c > tsize:
+            raise SystemExit(f"--chunk-size {format_size(c)} is larger than --transfer-size {format_size(tsize)}")
+    capacity = max(2 * max(concs) * tsize, 256 << 20)
+    rx = ChildProcess(receiver_argv("--capacity", str(capacity)))
+    base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
+    rows = []
+    try:
+        buf = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
+        with Sender(memory_budget=max(concs) * tsize + tsize) as sender, \
+                Progress(console=console, transient=True) as prog:
+            task = prog.add_task("bench", total=len(chunks) * len(concs) * args.pairs)
+            for chunk in chunks:
+                for conc in concs:
+                    total = max(tsize, args.total // tsize * tsize)
+                    _pdxfer_run(sender, rx.info["control"], buf, chunk, tsize * conc, conc)  # warm-up
+                    rawsock.run_baseline(base.info["port"], tsize, memoryview(buf), chunk, 1)
+                    b_rates, p_rates = [], []
+                    for _ in range(args.pairs):
+                        prog.update(task, description=f"{args.backend} chunk={format_size(chunk)} conc={conc}")
+                        b_rates.append(total / rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc) / 1e9)
+                        p_rates.append(total / _pdxfer_run(sender, rx.info["control"], buf, chunk, total, conc) / 1e9)
+                        prog.advance(task)
+                    ratios = [p / b for p, b in zip(p_rates, b_rates)]
+                    rows.append({
+                        "backend": args.backend, "chunk_size": chunk, "total_bytes": total, "concurrency": conc,
+                        "gbps": round(statistics.median(p_rates), 3), "baseline": "raw_socket_sendall_recv_into",
+                        "baseline_gbps": round(statistics.median(b_rates), 3), "ratio": round(statistics.median(ratios), 3),
+                        "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "pairs": args.pairs,
+                    })
+                    if args.json:
+                        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        base.kill()
+        final = rx.stop()
+    if final and final["ledger"]["reserved_bytes"] != 0:
+        console.print(f"[red]receiver ledger not empty after the bench: {final['ledger']['reserved_bytes']} bytes")
+        return 1
+    if not args.json:
+        table = Table(title=f"pdxfer bench transfer --backend {args.backend} (median of {args.pairs} paired runs)")
+        for col in ("chunk", "conc", "pdxfer GB/s", "raw socket GB/s", "ratio", "ratio range"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(format_size(r["chunk_size"]), str(r["concurrency"]), f"{r['gbps']:.2f}",
+                          f"{r['baseline_gbps']:.2f}", f"{r['ratio']:.3f}", f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f}")
+        Console().print(table)
+    return 0

@@ -1,0 +1,60 @@
+"""The `pdxfer` command. Each subcommand lives in the module that owns its domain and
+exposes `add_arguments(parser)` and `run(args) -> int`; this file only wires them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# (command path, module, help). Modules are imported lazily so `pdxfer receiver` never
+# pays for torch or aiohttp.
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("demo",), "pdxfer.bench.demo", "move a chunked KV payload between two processes on this host and verify it"),
+    (("receiver",), "pdxfer.bench.receiver_proc", "run a standalone receiver (prints its addresses as JSON)"),
+    (("bench", "transfer"), "pdxfer.bench.transfer", "throughput vs a raw-socket baseline, paired runs"),
+    (("bench", "pack"), "pdxfer.pack.bench", "pack/unpack GB/s vs copy and torch gather"),
+    (("proxy",), "pdxfer.proxy.cli", "OpenAI-compatible prefill/decode routing proxy"),
+]
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdxfer", description="KV-cache transfer for disaggregated LLM serving")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module, help_text in COMMANDS:
+        if not _module_exists(module):
+            continue
+        subs = top
+        if len(path) == 2:
+            if path[0] not in groups:
+                groups[path[0]] = top.add_parser(path[0], help=f"{path[0]} subcommands").add_subparsers(
+                    dest="subcommand", required=True)
+            subs = groups[path[0]]
+        p = subs.add_parser(path[-1], help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pdxfer.logs import configure
+
+    configure(args.log_level, args.log_json)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Peers that go silent, die, or send garbage: nothing hangs, leaks or corrupts."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+import structlog
+import zmq
+
+from pdxfer.errors import PeerLost
+from pdxfer.layout.payload import Payload
+from pdxfer.protocol import frames as f
+from pdxfer.protocol import messages as m
+
+from tests.engine.test_transfers import _eventually
+
+
+def _closed_by_peer(c: socket.socket) -> bool:
+    """True once the receiver dropped the connection (FIN or RST both count)."""
+    c.settimeout(5)
+    try:
+        return c.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+class RawPeer:
+    """A hand-driven protocol peer, to misbehave in ways a real Sender never would."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, b"raw-peer")
+        self.sock.connect(address)
+
+    def request(self, msg: m.Message, timeout: float = 5.0) -> m.Message:
+        self.sock.send(m.encode(msg))
+        return self.recv(timeout)
+
+    def recv(self, timeout: float = 5.0) -> m.Message:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError("no reply")
+        return m.decode(self.sock.recv())
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def test_silent_sender_lease_expires_and_waiter_is_admitted(make_receiver, make_sender):
+    r = make_receiver(capacity=1 << 20, lease_s=0.4)
+    peer = RawPeer(r.control_address)
+    try:
+        ok = peer.request(m.Hello(cid=1, sender_id="silent"))
+        host, _, port = ok.data_address.rpartition(":")
+        data = socket.create_connection((host, int(port)), timeout=5)
+        data.sendall(f.pack_header(f.KIND_HELLO, 0, ok.conn_token, 0, 0, 0))
+        grant = peer.request(m.Reserve(cid=2, tid="silent-1", total_bytes=1 << 20, chunk_sizes=[1 << 20], deadline_ms=60_000))
+        assert isinstance(grant, m.Grant)
+        # The whole pool is now held by a sender that will never send a byte.
+        s = make_sender()
+        fut = s.submit(r.control_address, "patient", [b"p" * 4096], deadline_s=20)
+        with r.wait("patient", timeout=15) as got:
+            assert bytes(got.view) == b"p" * 4096
+        fut.result(10)
+        failed = peer.recv(5)  # the receiver tells the silent sender why it lost its room
+        assert isinstance(failed, m.Failed) and failed.error == "lease_expired" and failed.tid == "silent-1"
+        led = r.ledger()
+        assert led.counters["ended_lease_expired"] == 1
+        _eventually(lambda: r.ledger().reserved_bytes == 0)
+        data.close()
+    finally:
+        peer.close()
+
+
+def test_receiver_killed_mid_transfer_fails_sender_with_peer_lost(receiver_proc, make_sender):
+    rx = receiver_proc("--capacity", str(64 << 20))
+    s = make_sender(peer_timeout_s=2.0, heartbeat_s=0.2)
+    payload = Payload.uniform(32 << 20, 1 << 20)
+    h = s.open(rx.info["control"], "doomed", payload, deadline_s=20)
+    chunk = np.ones(1 << 20, dtype=np.uint8)
+    for i in range(4):
+        h.put(i, chunk)
+    _eventually(lambda: s.budget_used == 0)  # the first chunks went out: we are mid-transfer
+    rx.signal(signal.SIGKILL)
+    rx.proc.wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(PeerLost) as info:
+        h.future.result(20)
+    assert time.monotonic() - t0 < 20
+    assert info.value.peer == rx.info["control"]
+    with pytest.raises(PeerLost):
+        h.put(4, chunk)  # the engine learns at once that producing more is pointless
+    assert s.budget_used == 0
+
+
+def test_malformed_truncated_and_oversized_frames_drop_only_that_connection(make_receiver, make_sender):
+    r = make_receiver()
+    s = make_sender()
+    host, _, port = r.data_address.rpartition(":")
+    bad_inputs = [
+        b"GARBAGE" * 10,  # bad magic
+        f.pack_header(f.KIND_DATA, 0, 1, 0, 10, 0),  # data before hello
+        f.pack_header(f.KIND_HELLO, 0, 12345, 0, 0, 0),  # unknown conn token
+        f.pack_header(f.KIND_HELLO, 0, 1, 0, 0, 0)[:17],  # truncated header, then EOF
+    ]
+    with structlog.testing.capture_logs() as logs:
+        for raw in bad_inputs:
+            c = socket.create_connection((host, int(port)), timeout=5)
+            c.sendall(raw)
+            c.shutdown(socket.SHUT_WR)
+            assert _closed_by_peer(c)
+            c.close()
+        peer = RawPeer(r.control_address)
+        try:
+            peer.sock.send(b"\x93not msgpack at all")
+            assert isinstance(peer.recv(), m.Error)
+            peer.sock.send(b"x" * (m.MAX_CONTROL_MESSAGE + 10))  # oversized: zmq drops the peer
+        finally:
+            peer.close()
+        # ... and a well-behaved transfer still works afterwards.
+        fut = s.submit(r.control_address, "after-garbage", [b"ok" * 1000])
+        with r.wait("after-garbage", timeout=10) as got:
+            assert bytes(got.view) == b"ok" * 1000
+        fut.result(10)
+    events = {e["event"] for e in logs}
+    assert {"data_connection_dropped", "data_truncated", "control_malformed"} <= events
+    _eventually(lambda: r.ledger().reserved_bytes == 0)
+
+
+def test_frame_for_another_peers_slot_or_wrong_size_drops_connection(make_receiver):
+    r = make_receiver()
+    peer = RawPeer(r.control_address)
+    try:
+        ok = peer.request(m.Hello(cid=1, sender_id="evil"))
+        g = peer.request(m.Reserve(cid=2, tid="x", total_bytes=8192, chunk_sizes=[4096, 4096], deadline_ms=10_000))
+        assert isinstance(g, m.Grant)
+        host, _, port = ok.data_address.rpartition(":")
+        c = socket.create_connection((host, int(port)), timeout=5)
+        c.sendall(f.pack_header(f.KIND_HELLO, 0, ok.conn_token, 0, 0, 0))
+        c.sendall(f.pack_header(f.KIND_DATA, 1, g.slot, 0, 4096, 0))  # chunk 1 claims chunk 0's offset
+        assert _closed_by_peer(c)
+        c.close()
+        # The connection loss ended this peer's reservation: nothing is left reserved.
+        _eventually(lambda: r.ledger().reserved_bytes == 0)
+    finally:
+        peer.close()
+
+
+@pytest.mark.slow
+def test_one_gib_between_two_processes_every_byte_verified(receiver_proc, make_sender):
+    from pdxfer.bench import pattern
+
+    rx = receiver_proc("--capacity", str(256 << 20), "--verify-pattern")
+    s = make_sender(memory_budget=256 << 20)
+    tsize, chunk, n = 64 << 20, 2 << 20, 16  # 1 GiB in 512 chunks
+    payload = Payload.uniform(tsize, chunk)
+    futures = []
+    for t in range(n):
+        tid = f"gib-{t}"
+        h = s.open(rx.info["control"], tid, payload, deadline_s=120)
+        for i in range(payload.chunk_count):
+            h.put(i, pattern.make(chunk, tid, i), timeout=60)
+        futures.append(h.future)
+    total = sum(f.result(120).nbytes for f in futures)
+    assert total == 1 << 30
+    final = rx.stop()
+    assert final is not None
+    assert final["stats"]["mismatched"] == []
+    assert final["stats"]["verified"] == n and final["stats"]["bytes"] == 1 << 30
+    assert final["ledger"]["reserved_bytes"] == 0
+    assert s.budget_used == 0

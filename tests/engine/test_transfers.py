@@ -1,0 +1,148 @@
+"""Transfer scenarios against a real receiver over real sockets (in-process threads)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from pdxfer.errors import AdmissionRejected, Backpressure, PeerLost, RejectReason, TransferTimeout
+from pdxfer.layout.payload import Payload
+
+
+def test_bytes_arrive_intact_and_ledger_returns_to_zero(make_receiver, make_sender):
+    r, s = make_receiver(), make_sender()
+    chunks = [os.urandom(n) for n in (1, 4096, 100_000, 1 << 20)]
+    fut = s.submit(r.control_address, "t-intact", chunks)
+    with r.wait("t-intact", timeout=10) as got:
+        assert [bytes(got.chunk(i)) for i in range(4)] == chunks
+    res = fut.result(10)
+    assert res.nbytes == sum(map(len, chunks)) and res.chunks == 4
+    _eventually(lambda: r.ledger().reserved_bytes == 0)
+    assert s.budget_used == 0
+
+
+def test_chunks_put_out_of_order_are_sent_in_order(make_receiver, make_sender):
+    r, s = make_receiver(), make_sender()
+    chunks = [bytes([i]) * 1000 for i in range(6)]
+    h = s.open(r.control_address, "t-order", Payload.of(chunks))
+    for i in (3, 0, 5, 1, 4, 2):
+        h.put(i, chunks[i])
+    with r.wait("t-order", timeout=10) as got:
+        assert bytes(got.view) == b"".join(chunks)
+    h.future.result(10)
+
+
+def test_transfer_larger_than_capacity_is_rejected_at_once(make_receiver, make_sender):
+    r, s = make_receiver(capacity=1 << 20), make_sender()
+    t0 = time.monotonic()
+    fut = s.submit(r.control_address, "too-big", [bytes(2 << 20)], deadline_s=30)
+    with pytest.raises(AdmissionRejected) as info:
+        fut.result(10)
+    assert info.value.reason is RejectReason.TOO_LARGE
+    assert info.value.transfer_id == "too-big"
+    assert time.monotonic() - t0 < 5  # "at once", i.e. not after the 30 s deadline
+    assert s.budget_used == 0
+
+
+def test_thousand_concurrent_transfers_at_five_percent_capacity(make_receiver, make_sender):
+    rng = random.Random(7)
+    sizes = [rng.randint(16 << 10, 112 << 10) for _ in range(1000)]
+    capacity = sum(sizes) // 20
+    r = make_receiver(capacity=capacity, alignment=4096)
+    s = make_sender(memory_budget=sum(sizes) + (1 << 20))
+    blob = os.urandom(max(sizes))
+    done = threading.Event()
+    peaks: list[int] = []
+
+    def sample():
+        while not done.is_set():
+            led = r.ledger()
+            assert led.reserved_bytes <= led.capacity
+            peaks.append(led.reserved_bytes)
+            time.sleep(0.01)
+
+    sampler = concurrent.futures.ThreadPoolExecutor(1).submit(sample)
+    consumer_errors = []
+
+    def consume(tid: str, size: int):
+        try:
+            with r.wait(tid, timeout=90) as got:
+                assert got.payload.total_bytes == size and bytes(got.view) == blob[:size]
+        except Exception as exc:  # surfaced below
+            consumer_errors.append(exc)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        consumers = [pool.submit(consume, f"c{i}", n) for i, n in enumerate(sizes)]
+        futs = [s.submit(r.control_address, f"c{i}", [blob[:n]], deadline_s=90) for i, n in enumerate(sizes)]
+        results = [f.result(120) for f in futs]
+        for c in consumers:
+            c.result(120)
+    done.set()
+    sampler.result(10)
+    assert not consumer_errors
+    assert len(results) == 1000
+    assert max(peaks) <= capacity
+    _eventually(lambda: r.ledger().reserved_bytes == 0)
+    led = r.ledger()
+    assert led.waiting_count == 0 and led.counters["ended_released"] == 1000
+    assert led.counters["queued_total"] > 0  # the 5% capacity really made transfers wait
+
+
+def test_deadline_while_queued_names_the_state_and_frees_everything(make_receiver, make_sender):
+    r, s = make_receiver(capacity=1 << 20), make_sender()
+    s.submit(r.control_address, "holder", [bytes(1 << 20)]).result(10)
+    held = r.wait("holder", timeout=10)  # claimed and not released: the pool is full
+    fut = s.submit(r.control_address, "starved", [bytes(4096)], deadline_s=0.5)
+    with pytest.raises(TransferTimeout) as info:
+        fut.result(10)
+    assert info.value.waiting_for == "queued" and info.value.transfer_id == "starved"
+    _eventually(lambda: r.ledger().waiting_count == 0)
+    held.release()
+    _eventually(lambda: r.ledger().reserved_bytes == 0)
+    assert s.budget_used == 0
+
+
+def test_unreachable_receiver_fails_with_peer_lost(make_sender):
+    s = make_sender(handshake_timeout_s=0.3)
+    fut = s.submit("tcp://127.0.0.1:9", "nowhere", [b"x" * 100], deadline_s=10)
+    with pytest.raises(PeerLost) as info:
+        fut.result(10)
+    assert info.value.waiting_for == "hello"
+    assert s.budget_used == 0
+
+
+def test_full_budget_is_backpressure_with_a_deadline(make_sender):
+    s = make_sender(memory_budget=1 << 20, handshake_timeout_s=5)
+    h = s.open("tcp://127.0.0.1:9", "stuck", Payload((1 << 20, 1 << 20)))
+    h.put(0, bytes(1 << 20))
+    with pytest.raises(Backpressure) as info:
+        h.put(1, bytes(1 << 20), timeout=0.2)
+    assert info.value.waiting_for == "send_budget"
+    with pytest.raises(ValueError, match="never fit"):
+        s.open("tcp://127.0.0.1:9", "huge", Payload((2 << 20,))).put(0, bytes(2 << 20))
+
+
+def test_bad_input_is_named(make_sender):
+    s = make_sender()
+    h = s.open("tcp://127.0.0.1:9", "bad", Payload((10, 10)))
+    with pytest.raises(ValueError, match="chunk 0 has 3 bytes"):
+        h.put(0, b"abc")
+    with pytest.raises(IndexError, match="chunk index 5"):
+        h.put(5, b"x" * 10)
+    with pytest.raises(ValueError, match="already in flight"):
+        s.open("tcp://127.0.0.1:9", "bad", Payload((1,)))
+    h.abort()
+
+
+def _eventually(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    assert pred()
