@@ -204,8 +204,13 @@ class ReceiverCore:
         key = info.identity.decode(errors="replace")
         self.peers.pop(key, None)
         self._by_token.pop(info.conn_token, None)
-        log.warning("peer_lost", peer=key, sender=info.sender_id, error=str(error) if error else "closed")
-        self._handle(self.admission.peer_lost(key, now=self.loop.time()))
+        events = self.admission.peer_lost(key, now=self.loop.time())
+        if events or error is not None:
+            log.warning("peer_lost", peer=key, sender=info.sender_id, error=str(error) if error else "closed",
+                        reservations_ended=sum(isinstance(e, Ended) for e in events))
+        else:
+            log.info("peer_disconnected", peer=key, sender=info.sender_id)
+        self._handle(events)
         self._schedule()
 
     # ------------------------------------------------------------------ completion
