@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pdxfer.bench import rawsock
 from pdxfer.bench.procs import ChildProcess, receiver_argv
-from pdxfer.engine import Sender
+from pdxfer.engine import Sender, SenderConfig
 from pdxfer.layout.payload import Payload
 from pdxfer.units import format_size, parse_size
 
@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-size", type=parse_size, default=parse_size("64MiB"))
     p.add_argument("--pairs", type=int, default=5, help="baseline/pdxfer run pairs per configuration")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
+    p.add_argument("--checksum-on-send", action="store_true",
+                   help="hash chunks on the send thread instead of in put() (SenderConfig.checksum_on_put=False)")
 
 
 def _pdxfer_run(sender: Sender, peer: str, buf: np.ndarray, chunk: int, total: int, concurrency: int) -> float:
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     try:
         buf = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
-        with Sender(memory_budget=max(concs) * tsize + tsize) as sender, \
+        cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=not args.checksum_on_send)
+        with Sender(cfg) as sender, \
                 Progress(console=console, transient=True) as prog:
             task = prog.add_task("bench", total=len(chunks) * len(concs) * args.pairs)
             for chunk in chunks:
