@@ -1,0 +1,360 @@
+"""Worker-side half of PdxferConnector (runs in each vLLM worker process, next to the KV).
+
+Prefill, sequential flow: blocks of a finished request are held (a `SendSpec` with a
+lease) until a decode asks, over the side channel, for a push to its Receiver; the worker
+then packs the token range out of the paged cache (one chunk per block, see
+`meta.chunk_ranges`), reports the request as `finished_sending` at once (vLLM may reuse
+the blocks: the bytes now live in the packed buffers), and hands the chunks to the
+Sender, which keeps them until the transfer ends. Concurrent flow: see `stream.py`.
+
+Decode: each `RecvSpec` starts a Receiver wait and (sequential flow) the push request.
+The engine thread polls in `get_finished`: a delivered transfer is unpacked into the
+request's blocks and released; a failed one is reported in `failed_recving` (and its
+blocks in `get_block_ids_with_load_errors`) so vLLM applies `kv_load_failure_policy`.
+Nothing blocks the engine thread: side-channel round trips run in a small pool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import structlog
+import torch
+import zmq
+
+from pdxfer.engine import Receiver, ReceiverConfig, Sender, SenderConfig
+from pdxfer.layout.payload import Payload
+from pdxfer.pack import Packer
+from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta, chunk_ranges
+from pdxfer.plugins.vllm.cpu_layout import cpu_attn_views
+from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
+from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
+
+log = structlog.get_logger("pdxfer.vllm.worker")
+
+
+@dataclass
+class _RecvJob:
+    spec: RecvSpec
+    wait: "concurrent.futures.Future[Any]"
+    ask: "concurrent.futures.Future[dict[str, Any]] | None"
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+def _release_when_done(fut: "concurrent.futures.Future[Any]") -> None:
+    """A receive nobody will unpack still owns reserved bytes: give them back on arrival."""
+    def _cb(f: "concurrent.futures.Future[Any]") -> None:
+        if not f.cancelled() and f.exception() is None:
+            f.result().release()
+    fut.add_done_callback(_cb)
+
+
+class WorkerSide(StreamingMixin):
+    def __init__(self, cfg: PluginConfig, *, producer: bool, consumer: bool, rank: int = 0) -> None:
+        self.cfg = cfg
+        self.producer, self.consumer, self.rank = producer, consumer, rank
+        self.packer: Packer | None = None
+        self.sender: Sender | None = None
+        self.receiver: Receiver | None = None
+        self.side: SideChannelServer | None = None
+        self._zctx: zmq.Context | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Condition()
+        self._held: dict[str, SendSpec] = {}  # transfer id -> blocks held for a pull
+        self._done_sending: set[str] = set()  # req ids whose blocks vLLM may free
+        self._in_flight: dict[str, tuple[Any, list[torch.Tensor]]] = {}  # tid -> (handle, packed chunks)
+        self._streams: dict[str, _Stream] = {}  # tid -> streaming prefill being pushed
+        self._jobs: dict[str, _RecvJob] = {}  # decode req id -> receive
+        self._load_errors: set[int] = set()
+        self.whole_blocks = False
+        self.counters = {"sent": 0, "send_failed": 0, "expired": 0, "dropped": 0, "received": 0, "recv_failed": 0,
+                         "streamed_early": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    def register(self, kv_caches: Mapping[str, Any], kv_cache_config: Any) -> None:
+        views, kinds = cpu_attn_views(kv_caches, kv_cache_config)
+        self.packer = Packer.from_vllm(views, kv_cache_config, kinds=kinds)
+        # CPU attention stores K/V inside a block in an ISA-specific order, so a token's
+        # bytes are not where the (K, V) views say: move whole blocks, which is exact.
+        self.whole_blocks = any(k is not None for k in kinds)
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdxfer-vllm")
+        self._zctx = zmq.Context()
+        if self.producer:
+            self.sender = Sender(SenderConfig(memory_budget=self.cfg.sender_memory,
+                                              deadline_s=self.cfg.recv_timeout_s)).start()
+        if self.consumer:
+            self.receiver = Receiver(ReceiverConfig(capacity=self.cfg.receiver_capacity, host=self.cfg.receiver_host,
+                                                    control_port=self.cfg.receiver_port)).start()
+        # Both roles listen: the prefill for push/drop requests, either for "stats".
+        self.side = SideChannelServer(self.cfg.side_host, self.cfg.side_port + self.rank, self._on_side)
+        log.info("pdxfer_vllm_worker_ready", producer=self.producer, consumer=self.consumer,
+                 side=self.side.address if self.side else None,
+                 receiver=self.receiver.control_address if self.receiver else None,
+                 groups=[(g.kind.value, g.block_size, g.num_kv_heads, g.head_dim, g.dtype)
+                         for g in self.packer.layout.groups])
+
+    def shutdown(self) -> None:
+        if self.side is not None:
+            self.side.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for job in self._jobs.values():
+            _release_when_done(job.wait)
+        if self.sender is not None:
+            self.sender.close()
+        if self.receiver is not None:
+            self.receiver.close()
+        if self._zctx is not None:
+            self._zctx.term()
+
+    # ------------------------------------------------------------------ per step
+    def on_meta(self, meta: StepMeta) -> None:
+        with self._lock:
+            for s in meta.sends:
+                self._held[s.transfer_id] = s
+            self._lock.notify_all()
+        for s in meta.sends:
+            if s.push_to:  # concurrent flow: the decode is waiting already
+                assert self._pool is not None
+                self._pool.submit(self._push_quietly, s.transfer_id, s.push_to, 0, s.num_tokens)
+        for r in meta.recvs:
+            self._start_recv(r)
+        for rid in meta.cancels:
+            job = self._jobs.get(rid)
+            if job is not None:
+                job.cancelled = True
+        for d in meta.drops:
+            assert self._pool is not None and self._zctx is not None
+            self._pool.submit(self._drop_quietly, d.remote_host, d.remote_port, d.transfer_id)
+
+    def get_finished(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished_sending, finished_recving, failed_recving) since the last call."""
+        now = time.time()
+        with self._lock:
+            for tid, s in list(self._held.items()):
+                if s.expires_at < now:
+                    log.warning("pdxfer_hold_expired", transfer_id=tid, request_id=s.req_id)
+                    del self._held[tid]
+                    self._done_sending.add(s.req_id)
+                    self.counters["expired"] += 1
+            sending, self._done_sending = self._done_sending, set()
+        recving: set[str] = set()
+        failed: set[str] = set()
+        for rid, job in list(self._jobs.items()):
+            if job.cancelled:  # request aborted: vLLM frees the blocks once we say so
+                del self._jobs[rid]
+                _release_when_done(job.wait)
+                recving.add(rid)
+                continue
+            outcome = self._poll(job)
+            if outcome is None:
+                continue
+            del self._jobs[rid]
+            recving.add(rid)
+            if outcome:
+                failed.add(rid)
+        return sending, recving, failed
+
+    def take_load_errors(self) -> set[int]:
+        errs, self._load_errors = self._load_errors, set()
+        return errs
+
+    # ------------------------------------------------------------------ decode
+    @property
+    def block_size(self) -> int:
+        assert self.packer is not None
+        return self.packer.layout.groups[0].block_size
+
+    def _round(self, t1: int) -> int:
+        """End of a token range as it travels: whole blocks when the layout needs them."""
+        bs = self.block_size
+        return -(-t1 // bs) * bs if self.whole_blocks else t1
+
+    def _block_range(self, spec: RecvSpec) -> RecvSpec:
+        """The token range widened to whole blocks when the cache layout needs it."""
+        if not self.whole_blocks or self.packer is None:
+            return spec
+        bs = self.block_size
+        t1 = min(self._round(spec.t1), len(spec.block_ids[0]) * bs)
+        return dataclasses.replace(spec, t0=spec.t0 // bs * bs, t1=max(t1, spec.t1))
+
+    def _start_recv(self, spec: RecvSpec) -> None:
+        assert self.receiver is not None and self._pool is not None and self._zctx is not None
+        spec = self._block_range(spec)
+        wait = self.receiver.wait_future(spec.transfer_id, self.cfg.recv_timeout_s)
+        ask = None
+        if spec.remote_host is not None and spec.remote_port is not None:
+            msg = {"op": "push", "transfer_id": spec.transfer_id, "receiver": self.receiver.control_address,
+                   "t0": spec.t0, "t1": spec.t1}
+            ask = self._pool.submit(side_request, self._zctx, spec.remote_host, spec.remote_port, msg,
+                                    self.cfg.handshake_timeout_s)
+        self._jobs[spec.req_id] = _RecvJob(spec, wait, ask)
+
+    def _poll(self, job: _RecvJob) -> str | None:
+        """None while in progress; "" when loaded; an error text when it failed."""
+        spec = job.spec
+        error = ""
+        if job.ask is not None and job.ask.done():
+            try:
+                reply = job.ask.result()
+                if not reply.get("ok"):
+                    error = f"prefill refused: {reply.get('error')}"
+            except Exception as exc:  # noqa: BLE001
+                error = f"push request failed: {exc}"
+            job.ask = None
+        if not error:
+            if not job.wait.done():
+                return None
+            try:
+                received = job.wait.result()
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                error = self._unpack(spec, received)
+        if error:
+            _release_when_done(job.wait)
+            log.error("pdxfer_recv_failed", request_id=spec.req_id, transfer_id=spec.transfer_id, error=error)
+            self.counters["recv_failed"] += 1
+            self._mark_load_error(spec)
+            return error
+        self.counters["received"] += 1
+        return ""
+
+    def _unpack(self, spec: RecvSpec, received: Any) -> str:
+        """Scatter the chunks this request needs; a pushed stream starts at token 0, so
+        chunks below a local prefix hit (spec.t0) are skipped."""
+        assert self.packer is not None
+        try:
+            start = spec.t0 if spec.remote_host is not None else 0
+            ranges = chunk_ranges(start, spec.t1, self.block_size)
+            sizes = tuple(self.packer.packed_nbytes(a, b) for a, b in ranges)
+            if received.payload.chunk_sizes != sizes:
+                return (f"layout mismatch: got chunks {received.payload.chunk_sizes[:4]}... "
+                        f"({received.payload.chunk_count}), tokens [{start},{spec.t1}) need {sizes[:4]}... ({len(sizes)})")
+            tables = [list(g) for g in spec.block_ids]
+            for i, (a, b) in enumerate(ranges):
+                if a < spec.t0:
+                    continue
+                buf = torch.frombuffer(received.chunk(i), dtype=torch.uint8)
+                self.packer.unpack(tables, a, b, buf)
+                del buf
+            return ""
+        except Exception as exc:  # noqa: BLE001
+            return f"unpack failed: {exc}"
+        finally:
+            received.release()
+
+    def _mark_load_error(self, spec: RecvSpec) -> None:
+        if len(spec.block_ids) != 1 or self.packer is None:
+            return  # vLLM maps block-level errors back to requests only with one group
+        bs = self.packer.layout.groups[0].block_size
+        self._load_errors.update(spec.block_ids[0][spec.t0 // bs: -(-spec.t1 // bs)])
+
+    # ------------------------------------------------------------------ prefill
+    def _on_side(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "stats":
+            return {"ok": True, **self.stats()}
+        tid = msg.get("transfer_id")
+        if not isinstance(tid, str):
+            return {"ok": False, "error": "transfer_id missing"}
+        if op == "drop":
+            with self._lock:
+                s = self._held.pop(tid, None)
+                if s is not None:
+                    self._done_sending.add(s.req_id)
+                    self.counters["dropped"] += 1
+            return {"ok": True, "held": s is not None}
+        if op == "push":
+            return self._push(tid, str(msg.get("receiver")), int(msg.get("t0", 0)), msg.get("t1"))
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _push_quietly(self, tid: str, peer: str, t0: int, t1: int) -> None:
+        reply = self._push(tid, peer, t0, t1)
+        if not reply.get("ok"):
+            log.error("pdxfer_push_failed", transfer_id=tid, error=reply.get("error"))
+
+    def _drop_quietly(self, host: str, port: int, tid: str) -> None:
+        assert self._zctx is not None
+        try:
+            side_request(self._zctx, host, port, {"op": "drop", "transfer_id": tid}, self.cfg.handshake_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the prefill's lease frees them anyway
+            log.warning("pdxfer_drop_failed", transfer_id=tid, error=repr(exc))
+
+    def _push(self, tid: str, peer: str, t0: int, t1: Any) -> dict[str, Any]:
+        assert self.packer is not None and self.sender is not None
+        with self._lock:  # the decode may ask before this step's metadata registered the hold
+            self._lock.wait_for(lambda: tid in self._held, timeout=self.cfg.handshake_timeout_s)
+            spec = self._held.pop(tid, None)
+        if spec is None:
+            return {"ok": False, "error": f"transfer {tid} is not held here (unknown, expired or taken)"}
+        try:
+            t1 = spec.num_tokens if t1 is None else int(t1)
+            limit = spec.num_tokens
+            if self.whole_blocks:
+                limit = max(limit, len(spec.block_ids[0]) * self.packer.layout.groups[0].block_size)
+            if not 0 <= t0 < t1 <= limit:
+                return {"ok": False, "error": f"tokens [{t0},{t1}) outside the {limit} held"}
+            tables = [list(g) for g in spec.block_ids]
+            packed = [self.packer.pack(tables, a, b) for a, b in chunk_ranges(t0, t1, self.block_size)]
+        except Exception as exc:  # noqa: BLE001
+            self.counters["send_failed"] += 1
+            return {"ok": False, "error": f"pack failed: {exc}"}
+        finally:
+            with self._lock:  # bytes are out of the blocks (or never will be): free them
+                self._done_sending.add(spec.req_id)
+        handle = self._open(tid, peer, [int(c.numel()) for c in packed])
+        if isinstance(handle, str):
+            return {"ok": False, "error": handle}
+        try:
+            for i, c in enumerate(packed):
+                self._in_flight[tid][1].append(c)
+                handle.put(i, c.numpy())
+        except Exception as exc:  # noqa: BLE001
+            handle.abort(str(exc))
+            return {"ok": False, "error": f"submit failed: {exc}"}
+        return {"ok": True, "nbytes": sum(int(c.numel()) for c in packed)}
+
+    def _open(self, tid: str, peer: str, sizes: list[int]) -> Any:
+        """Open a transfer (an error text when that fails); its buffers live until it ends."""
+        assert self.sender is not None
+        try:
+            handle = self.sender.open(peer, tid, Payload(tuple(sizes)))
+        except Exception as exc:  # noqa: BLE001
+            self.counters["send_failed"] += 1
+            return f"open failed: {exc}"
+        self._in_flight[tid] = (handle, [])
+        handle.future.add_done_callback(lambda f: self._sent(tid, f))
+        return handle
+
+    def _sent(self, tid: str, fut: "concurrent.futures.Future[Any]") -> None:
+        self._in_flight.pop(tid, None)
+        exc = fut.exception()
+        if exc is None:
+            self.counters["sent"] += 1
+        else:
+            self.counters["send_failed"] += 1
+            log.warning("pdxfer_send_failed", transfer_id=tid, error=repr(exc))
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> dict[str, Any]:
+        """Everything this worker holds: the leak check reads it over the side channel."""
+        with self._lock:
+            held = len(self._held)
+        out: dict[str, Any] = {"held": held, "in_flight": len(self._in_flight), "receiving": len(self._jobs),
+                               "streaming": len(self._streams),
+                               "counters": dict(self.counters)}
+        if self.sender is not None:
+            out["sender_budget_used"] = self.sender.budget_used
+        if self.receiver is not None:
+            led = self.receiver.ledger()
+            out["receiver"] = {"reserved_bytes": led.reserved_bytes, "waiting_count": led.waiting_count,
+                               "granted_count": led.granted_count, "delivered_count": led.delivered_count,
+                               "address": self.receiver.control_address}
+        return out

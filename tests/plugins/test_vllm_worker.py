@@ -1,0 +1,165 @@
+"""WorkerSide end to end in one process: a prefill and a decode worker with caches in vLLM's
+CPU-attention shape, real Sender/Receiver/side channel on loopback, no vLLM."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta  # noqa: E402
+from pdxfer.plugins.vllm.sidechannel import side_request  # noqa: E402
+from pdxfer.plugins.vllm.worker import WorkerSide  # noqa: E402
+from vllm_support.servers import free_port  # noqa: E402
+
+BS, HEADS, DIM, BLOCKS = 32, 2, 32, 16
+LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
+
+
+def kv_config() -> Any:
+    return SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=list(LAYERS),
+                                                            kv_cache_spec=SimpleNamespace(block_size=BS))])
+
+
+def caches(seed: int | None) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed or 0)
+    out = {}
+    for name in LAYERS:
+        t = torch.zeros(BLOCKS, HEADS, BS, 2 * DIM, dtype=torch.bfloat16)
+        if seed is not None:
+            t.copy_(torch.randn(t.shape, generator=g))
+        out[name] = t
+    return out
+
+
+def wait_for(fn: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = fn()
+        if r:
+            return r
+        time.sleep(0.01)
+    raise TimeoutError
+
+
+@pytest.fixture
+def pair() -> Any:
+    p = WorkerSide(PluginConfig(side_port=free_port(), lease_s=30, handshake_timeout_s=2, recv_timeout_s=5),
+                   producer=True, consumer=False)
+    d = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2, recv_timeout_s=5),
+                   producer=False, consumer=True)
+    pc, dc = caches(1), caches(None)
+    p.register(pc, kv_config())
+    d.register(dc, kv_config())
+    try:
+        yield p, d, pc, dc
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def collect(w: WorkerSide, timeout: float = 10.0) -> tuple[set[str], set[str], set[str]]:
+    acc: tuple[set[str], set[str], set[str]] = (set(), set(), set())
+
+    def step() -> bool:
+        s, r, f = w.get_finished()
+        acc[0].update(s), acc[1].update(r), acc[2].update(f)
+        return bool(r)
+    wait_for(step, timeout)
+    return acc
+
+
+def test_pull_moves_whole_blocks_and_frees_everything(pair: Any) -> None:
+    p, d, pc, dc = pair
+    src, dst = (3, 7, 1), (9, 2, 5)
+    p.on_meta(StepMeta(sends=[SendSpec("preq", "T1", (src,), 70, time.time() + 30)]))
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "T1", (dst,), 0, 70, p.cfg.side_host, p.cfg.side_port)]))
+    _, recving, failed = collect(d)
+    assert recving == {"dreq"} and not failed
+    assert wait_for(lambda: p.get_finished()[0]) == {"preq"}
+    for name in LAYERS:
+        for s, t in zip(src, dst):
+            assert torch.equal(pc[name][s], dc[name][t])
+    assert wait_for(lambda: p.stats()["in_flight"] == 0)
+    st = d.stats()
+    assert st["receiver"]["reserved_bytes"] == 0 and st["receiving"] == 0
+    assert p.stats()["held"] == 0
+
+
+def test_unknown_transfer_fails_the_load_with_block_errors(pair: Any) -> None:
+    p, d, _, _ = pair
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "nope", ((4, 5),), 32, 64, p.cfg.side_host, p.cfg.side_port)]))
+    _, recving, failed = collect(d)
+    assert recving == failed == {"dreq"}
+    assert d.take_load_errors() == {5}
+
+
+def test_dead_prefill_fails_within_the_handshake_timeout(pair: Any) -> None:
+    _, d, _, _ = pair
+    t0 = time.monotonic()
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "T", ((4,),), 0, 10, "127.0.0.1", free_port())]))
+    _, recving, failed = collect(d)
+    assert failed == {"dreq"} and time.monotonic() - t0 < 5
+
+
+def test_drop_and_lease_expiry_free_held_blocks(pair: Any) -> None:
+    p, d, _, _ = pair
+    p.on_meta(StepMeta(sends=[SendSpec("a", "TA", ((1,),), 10, time.time() + 30),
+                              SendSpec("b", "TB", ((2,),), 10, time.time() - 1)]))
+    assert p.get_finished()[0] == {"b"}  # expired lease
+    assert side_request(d._zctx, p.cfg.side_host, p.cfg.side_port, {"op": "drop", "transfer_id": "TA"}, 2)["held"]
+    assert p.get_finished()[0] == {"a"}
+    assert p.stats()["held"] == 0
+
+
+def test_cancel_reports_finished_without_failure(pair: Any) -> None:
+    p, d, _, _ = pair
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "TX", ((4,),), 0, 10, None, None)]))  # concurrent form: waits
+    assert d.get_finished()[1] == set()
+    d.on_meta(StepMeta(cancels=["dreq"]))
+    assert d.get_finished() == (set(), {"dreq"}, set())
+
+
+def test_stream_pushes_chunks_as_prefill_progresses(pair: Any) -> None:
+    """Concurrent flow: the prefill pushes block chunks step by step; the decode (with a
+    local prefix hit on the first block) unpacks the rest once the transfer commits."""
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    p, d, pc, dc = pair
+    src, dst = (3, 7, 1, 4), (9, 2, 5, 6)
+    assert d.receiver is not None
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "S1", (dst,), BS, 100, None, None)]))
+    for done in (40, 64, 90, 100):  # chunked prefill: 40, 24, 26 then 10 tokens per step
+        p.after_forward(StepMeta(streams=[StreamSpec("preq", "S1", d.receiver.control_address, (src,), done, 100)]))
+        if done < 100:
+            assert d.get_finished()[1] == set()
+    _, recving, failed = collect(d)
+    assert recving == {"dreq"} and not failed
+    for name in LAYERS:
+        assert not dc[name][dst[0]].any()  # the local hit's block is left alone
+        for s, t in zip(src[1:], dst[1:]):
+            assert torch.equal(pc[name][s], dc[name][t])
+    assert wait_for(lambda: p.stats()["in_flight"] == 0 and p.stats()["streaming"] == 0)
+    assert d.stats()["receiver"]["reserved_bytes"] == 0
+    assert p.stats()["counters"]["streamed_early"] == 2  # blocks 1 and 2 went before the prefill ended
+
+
+def test_aborted_stream_fails_the_decode(pair: Any) -> None:
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    p, d, _, _ = pair
+    assert d.receiver is not None
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "S2", ((9, 2, 5),), 0, 80, None, None)]))
+    p.after_forward(StepMeta(streams=[StreamSpec("preq", "S2", d.receiver.control_address, ((3, 7, 1),), 40, 80)]))
+    wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)  # the decode reserved, bytes are moving
+    t0 = time.monotonic()
+    p.after_forward(StepMeta(stream_aborts=["S2"]))
+    _, recving, failed = collect(d, timeout=20)
+    assert recving == failed == {"dreq"}
+    assert time.monotonic() - t0 < 2  # the abort reaches the decode, no waiting for its timeout
+    assert wait_for(lambda: p.stats()["in_flight"] == 0)
+    assert wait_for(lambda: d.stats()["receiver"]["reserved_bytes"] == 0)
