@@ -1,11 +1,27 @@
-"""Shared fixtures: real receivers and senders on loopback, with short deadlines."""
+"""Shared fixtures: real receivers and senders on loopback, with short deadlines.
+
+`backend` parametrizes a test over the sender's data path: "tcp", and "nixl" (one-sided
+WRITEs through NIXL/UCX on host memory) where the nixl package is installed. A test that
+takes it passes `backend=backend` to `make_sender`; receivers accept both by default.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
 from pdxfer.bench.procs import ChildProcess, receiver_argv
 from pdxfer.engine import Receiver, ReceiverConfig, Sender, SenderConfig
+
+
+HAVE_NIXL = importlib.util.find_spec("nixl") is not None
+BACKENDS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
 
 
 @pytest.fixture

@@ -28,11 +28,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None)
     p.add_argument("--verify-pattern", action="store_true", help="check bytes against pdxfer.bench.pattern")
     p.add_argument("--exit-on-stdin-eof", action="store_true")
+    p.add_argument("--backends", default="tcp,nixl",
+                   help="data paths to accept, comma-separated (nixl: only where the nixl package imports)")
+    p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
+    p.add_argument("--nixl-max-sleep-us", type=float, default=None, help="NIXL progress: longest backoff sleep")
 
 
 def run(args: argparse.Namespace) -> int:
+    nixl_tuning = {}
+    if args.nixl_spin_us is not None:
+        nixl_tuning["nixl_spin_s"] = args.nixl_spin_us / 1e6
+    if args.nixl_max_sleep_us is not None:
+        nixl_tuning["nixl_max_sleep_s"] = args.nixl_max_sleep_us / 1e6
     cfg = ReceiverConfig(capacity=args.capacity, host=args.host, control_port=args.control_port,
-                         data_port=args.data_port, lease_s=args.lease, token=args.token)
+                         data_port=args.data_port, lease_s=args.lease, token=args.token,
+                         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()), **nixl_tuning)
     stats = {"transfers": 0, "bytes": 0, "verified": 0, "mismatched": []}
     stop = threading.Event()
 

@@ -1,8 +1,13 @@
-"""`pdxfer bench transfer`: pdxfer vs a raw-socket baseline, paired, in one run.
+"""`pdxfer bench transfer`: pdxfer vs a raw baseline of the same data path, paired, in one run.
 
 Loopback throughput here swings up to 2x between runs, so a ratio of two separately
 measured medians is noise. We alternate baseline and pdxfer runs (A B A B …) over the
 same bytes and report the median of the per-pair ratios.
+
+Baselines: `--backend tcp` against blocking `sendall`/`recv_into` on raw sockets
+(`rawsock`); `--backend nixl` against raw NIXL WRITEs of the same chunks between the bench
+process and a bare target process (`nixlraw`), with the same UCX settings (the UCX_TLS
+in use is printed with the results).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,7 +34,7 @@ from pdxfer.units import format_size, parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["tcp"], default="tcp")
+    p.add_argument("--backend", choices=["tcp", "nixl"], default="tcp")
     p.add_argument("--chunk-size", type=parse_size, action="append", dest="chunk_sizes",
                    help="repeatable; default 256KiB, 2MiB, 16MiB")
     p.add_argument("--concurrency", type=int, action="append", dest="concurrencies",
@@ -72,12 +78,35 @@ def run(args: argparse.Namespace) -> int:
         if c > tsize:
             raise SystemExit(f"--chunk-size {format_size(c)} is larger than --transfer-size {format_size(tsize)}")
     capacity = max(2 * max(concs) * tsize, 256 << 20)
+    ucx_tls = ""
+    if args.backend == "nixl":
+        from pdxfer.transport.nixl_agent import apply_ucx_env
+
+        ucx_tls = apply_ucx_env().get("UCX_TLS", "")  # before the children start: all three use the same
+        console.print(f"UCX_TLS={ucx_tls} UCX_NET_DEVICES={os.environ.get('UCX_NET_DEVICES', '')}")
+    buf = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
     rx = ChildProcess(receiver_argv("--capacity", str(capacity)))
-    base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
+    base: ChildProcess | None = None
+    writer = None
+    baseline_name = "raw_nixl_write" if args.backend == "nixl" else "raw_socket_sendall_recv_into"
+
+    def baseline(total: int, chunk: int, conc: int) -> float:
+        assert base is not None
+        if writer is not None:
+            return writer.run(total, chunk, conc)
+        return rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc)
+
     rows = []
     try:
-        buf = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
-        cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=not args.checksum_on_send)
+        if args.backend == "nixl":
+            from pdxfer.bench import nixlraw
+
+            base = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(tsize)], ready_timeout=60)
+            writer = nixlraw.RawWriter(base.info, memoryview(buf))
+        else:
+            base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
+        cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=not args.checksum_on_send,
+                           backend=args.backend)
         with Sender(cfg) as sender, \
                 Progress(console=console, transient=True) as prog:
             task = prog.add_task("bench", total=len(chunks) * len(concs) * args.pairs)
@@ -85,31 +114,37 @@ def run(args: argparse.Namespace) -> int:
                 for conc in concs:
                     total = max(tsize, args.total // tsize * tsize)
                     _pdxfer_run(sender, rx.info["control"], buf, chunk, tsize * conc, conc)  # warm-up
-                    rawsock.run_baseline(base.info["port"], tsize, memoryview(buf), chunk, 1)
+                    baseline(tsize, chunk, 1)
                     b_rates, p_rates = [], []
                     for _ in range(args.pairs):
                         prog.update(task, description=f"{args.backend} chunk={format_size(chunk)} conc={conc}")
-                        b_rates.append(total / rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc) / 1e9)
+                        b_rates.append(total / baseline(total, chunk, conc) / 1e9)
                         p_rates.append(total / _pdxfer_run(sender, rx.info["control"], buf, chunk, total, conc) / 1e9)
                         prog.advance(task)
                     ratios = [p / b for p, b in zip(p_rates, b_rates)]
                     rows.append({
                         "backend": args.backend, "chunk_size": chunk, "total_bytes": total, "concurrency": conc,
-                        "gbps": round(statistics.median(p_rates), 3), "baseline": "raw_socket_sendall_recv_into",
+                        "gbps": round(statistics.median(p_rates), 3), "baseline": baseline_name,
                         "baseline_gbps": round(statistics.median(b_rates), 3), "ratio": round(statistics.median(ratios), 3),
                         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "pairs": args.pairs,
                     })
                     if args.json:
                         print(json.dumps(rows[-1]), flush=True)
     finally:
-        base.kill()
+        if writer is not None:
+            writer.close()
+        if base is not None:
+            base.kill()
         final = rx.stop()
     if final and final["ledger"]["reserved_bytes"] != 0:
         console.print(f"[red]receiver ledger not empty after the bench: {final['ledger']['reserved_bytes']} bytes")
         return 1
     if not args.json:
-        table = Table(title=f"pdxfer bench transfer --backend {args.backend} (median of {args.pairs} paired runs)")
-        for col in ("chunk", "conc", "pdxfer GB/s", "raw socket GB/s", "ratio", "ratio range"):
+        title = f"pdxfer bench transfer --backend {args.backend} (median of {args.pairs} paired runs)"
+        if ucx_tls:
+            title += f", UCX_TLS={ucx_tls}"
+        table = Table(title=title)
+        for col in ("chunk", "conc", "pdxfer GB/s", f"{baseline_name} GB/s", "ratio", "ratio range"):
             table.add_column(col, justify="right")
         for r in rows:
             table.add_row(format_size(r["chunk_size"]), str(r["concurrency"]), f"{r['gbps']:.2f}",

@@ -9,6 +9,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+BACKENDS = ("tcp", "nixl")
+
 
 def _default_id(prefix: str) -> str:
     return f"{prefix}-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -29,13 +31,25 @@ class SenderConfig:
     # that reuses a buffer before it was sent, at the cost of one extra pass over cold
     # memory. False: hash on the send thread right before the bytes go out, cache-hot.
     checksum_on_put: bool = True
+    # Data path of every lane: "tcp" (one TCP connection per receiver) or "nixl" (one-sided
+    # WRITEs into the receiver's registered region; UCX picks RDMA, shared memory or TCP).
+    backend: str = "tcp"
+    # UCX_* settings for the NIXL agent. The process environment wins over these, and these
+    # win over pdxfer's loopback defaults (pdxfer.transport.nixl_agent.UCX_DEFAULTS).
+    ucx: dict[str, str] = field(default_factory=dict, hash=False)
+    nixl_spin_s: float = 0.0  # progress thread: poll back to back this long after an event,
+    nixl_max_sleep_s: float = 1e-3  # then back off up to this; parked (0 CPU) when nothing is in flight
 
     def __post_init__(self) -> None:
-        for name in ("deadline_s", "submit_timeout_s", "handshake_timeout_s", "heartbeat_s", "peer_timeout_s", "lane_idle_s"):
+        for name in ("deadline_s", "submit_timeout_s", "handshake_timeout_s", "heartbeat_s", "peer_timeout_s",
+                     "lane_idle_s", "nixl_max_sleep_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SenderConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.memory_budget <= 0:
             raise ValueError(f"SenderConfig.memory_budget must be > 0, got {self.memory_budget}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SenderConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_ucx("SenderConfig", self.ucx)
 
 
 @dataclass(frozen=True)
@@ -51,10 +65,30 @@ class ReceiverConfig:
     alignment: int = 4096
     max_queue: int = 100_000
     remember_failures: int = 10_000  # late waiters still learn why a transfer failed
+    # Data paths this receiver accepts. "nixl" costs nothing until a NIXL sender says HELLO:
+    # then the agent is created (importing nixl, ~1.5 s once) and the region registered; a
+    # host where nixl does not import answers such a HELLO with an error, TCP keeps working.
+    backends: tuple[str, ...] = BACKENDS
+    ucx: dict[str, str] = field(default_factory=dict, hash=False)  # as SenderConfig.ucx
+    nixl_setup_timeout_s: float = 30.0  # first NIXL HELLO: agent creation + region registration
+    nixl_spin_s: float = 0.0
+    nixl_max_sleep_s: float = 1e-3
+    nixl_peer_idle_s: float = 300.0  # forget a NIXL peer silent this long with nothing reserved
 
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ValueError(f"ReceiverConfig.capacity must be > 0, got {self.capacity}")
-        for name in ("lease_s", "claim_timeout_s"):
+        for name in ("lease_s", "claim_timeout_s", "nixl_setup_timeout_s", "nixl_max_sleep_s", "nixl_peer_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ReceiverConfig.{name} must be > 0, got {getattr(self, name)}")
+        object.__setattr__(self, "backends", tuple(self.backends))
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad or not self.backends:
+            raise ValueError(f"ReceiverConfig.backends must be a non-empty subset of {BACKENDS}, got {self.backends}")
+        _check_ucx("ReceiverConfig", self.ucx)
+
+
+def _check_ucx(owner: str, ucx: dict[str, str]) -> None:
+    bad = [k for k in ucx if not k.startswith("UCX_")]
+    if bad:
+        raise ValueError(f"{owner}.ucx keys must be UCX_* settings, got {bad}")

@@ -8,6 +8,13 @@ Liveness: the data connection's EOF is an immediate death signal; heartbeats on 
 control channel catch a peer that hangs (SIGSTOP, a wedged process) with its sockets
 still open. Either way every transfer on the lane fails with `PeerLost` and its queued
 memory goes back to the budget.
+
+Backends: a "tcp" lane writes each chunk on its data connection and is done with it when
+the bytes are in the socket. A "nixl" lane has no data connection: it hands each chunk to
+the NIXL progress thread, which WRITEs it (one-sided, with a notification) into the address
+the GRANT named; the lane keeps going meanwhile, sends COMMIT once every WRITE is handed
+over, and returns a chunk's budget when its WRITE completed. The first failed WRITE (NIXL's
+remote-disconnect error) ends the lane like a TCP EOF does.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import concurrent.futures
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import structlog
 import zmq.asyncio
@@ -36,6 +43,7 @@ from pdxfer.transport.tcp import DataClient
 
 if TYPE_CHECKING:
     from pdxfer.engine.config import SenderConfig
+    from pdxfer.transport.nixl import NixlDataClient, NixlSendSide
 
 log = structlog.get_logger("pdxfer.sender")
 
@@ -71,7 +79,8 @@ class OutCtx:
 
 class Lane:
     def __init__(self, address: str, cfg: "SenderConfig", budget: MemoryBudget,
-                 ctx: zmq.asyncio.Context, on_closed: Any) -> None:
+                 ctx: zmq.asyncio.Context, on_closed: Any,
+                 nixl_side: "Callable[[], Awaitable[NixlSendSide]] | None" = None) -> None:
         self.address = address
         self.cfg = cfg
         self.budget = budget
@@ -85,7 +94,9 @@ class Lane:
         self._hello_cid = next(self._cids)
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
         self.last_seen = self._loop.time()
-        self.data: DataClient | None = None
+        self.data: DataClient | NixlDataClient | None = None
+        self.backend = cfg.backend
+        self._nixl_side = nixl_side
         self._on_closed = on_closed
         identity = f"{cfg.sender_id}/{os.urandom(6).hex()}".encode()
         self.control = ControlClient(ctx, address, identity, self._on_message)
@@ -117,19 +128,41 @@ class Lane:
         await self._close(err)
 
     async def _connect(self) -> None:
+        nixl = None
+        if self.backend == "nixl":
+            if self._nixl_side is None:
+                raise ProtocolError("lane has backend nixl but no NIXL side", peer=self.address)
+            try:  # first use in this Sender creates the agent (bounded: it runs off the loop)
+                nixl = await asyncio.wait_for(self._nixl_side(), self.cfg.handshake_timeout_s + 30)
+            except asyncio.TimeoutError:
+                raise TransferTimeout("NIXL agent not created in time", peer=self.address,
+                                      waiting_for="nixl_agent") from None
         self.control.send(m.Hello(cid=self._hello_cid, sender_id=self.cfg.sender_id,
-                                  capabilities=["tcp"], token=self.cfg.token))
+                                  capabilities=[self.backend], token=self.cfg.token,
+                                  nixl_agent=nixl.name if nixl is not None else None))
         try:
             ok = await asyncio.wait_for(asyncio.shield(self._hello), self.cfg.handshake_timeout_s)
         except asyncio.TimeoutError:
             raise PeerLost(f"no HELLO reply within {self.cfg.handshake_timeout_s}s",
                            peer=self.address, waiting_for="hello") from None
-        host, _, port = ok.data_address.rpartition(":")
-        self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,
-                                             timeout=self.cfg.handshake_timeout_s, peer=self.address)
+        if self.backend not in ok.capabilities:
+            raise ProtocolError(f"receiver does not accept backend {self.backend!r} (it offers {ok.capabilities})",
+                                peer=self.address, waiting_for="hello")
+        if nixl is not None:
+            from pdxfer.transport.nixl import NixlDataClient
+
+            if not ok.nixl_md:
+                raise ProtocolError("receiver offered nixl without agent metadata", peer=self.address,
+                                    waiting_for="hello")
+            remote = await nixl.connect(ok.nixl_md, timeout=self.cfg.handshake_timeout_s, peer=self.address)
+            self.data = NixlDataClient(nixl, remote, self.address)
+        else:
+            host, _, port = ok.data_address.rpartition(":")
+            self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,
+                                                 timeout=self.cfg.handshake_timeout_s, peer=self.address)
         self.state = "ready"
         self.last_seen = self._loop.time()
-        log.debug("lane_ready", peer=self.address, receiver=ok.receiver_id)
+        log.debug("lane_ready", peer=self.address, receiver=ok.receiver_id, backend=self.backend)
         for ctx in list(self.transfers.values()):
             self._send_reserve(ctx)
 
@@ -151,14 +184,34 @@ class Lane:
             if checksum is None:
                 checksum = chunk_checksum(item.buffer)
                 t.record_checksum(item.index, checksum)
-            try:
-                await self.data.send_chunk(t.slot, item.index, offset, item.buffer, checksum)  # type: ignore[arg-type]
-            finally:
-                self.budget.release(size)
-            t.sent_chunks += 1
-            if t.all_sent and not t.terminal:
-                t.on(OutEvent.SEND_COMMIT)
-                self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
+            if isinstance(self.data, DataClient):
+                try:
+                    await self.data.send_chunk(t.slot, item.index, offset, item.buffer, checksum)  # type: ignore[arg-type]
+                finally:
+                    self.budget.release(size)
+            else:
+                # NIXL: the progress thread registers and copies (overlapping with the next
+                # hash here); the budget comes back when the WRITE completed. COMMIT may go
+                # out before that: the receiver verifies only once every chunk's notification
+                # arrived (COMMIT_PENDING), and a WRITE that fails ends the lane, so DONE can
+                # never cover a chunk that did not land.
+                ctx = self.transfers[t.tid]  # pop() skips ended transfers, so it is still live
+                fut = self.data.send_chunk(tid=t.tid, slot=t.slot, index=item.index, offset=offset,  # type: ignore[arg-type]
+                                           payload=item.buffer, checksum=checksum, base_addr=ctx.extra["addr"])
+                fut.add_done_callback(lambda f, size=size: self._write_done(f, size))
+            self._chunk_sent(t)
+
+    def _write_done(self, fut: asyncio.Future, size: int) -> None:
+        """A NIXL WRITE finished: its budget goes back now, whatever the outcome."""
+        self.budget.release(size)
+        if not fut.cancelled():
+            fut.exception()  # failures end the lane through the data client's `closed` future
+
+    def _chunk_sent(self, t: OutboundTransfer) -> None:
+        t.sent_chunks += 1
+        if t.all_sent and not t.terminal:
+            t.on(OutEvent.SEND_COMMIT)
+            self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
 
     async def _heartbeat_loop(self) -> Exception:
         while True:
@@ -177,6 +230,10 @@ class Lane:
         self.state = "dead"
         self._on_closed(self)
         cause = err or TransferAborted("lane closed", peer=self.address)
+        if self.data is not None:
+            # NIXL: WRITEs still in flight finish or fail first (bounded), so every chunk's
+            # budget is back before its transfer's future fails.
+            await self.data.close()
         for ctx in list(self.transfers.values()):
             self.fail(ctx, cause if isinstance(cause, PdxferError) else PeerLost(str(cause), peer=self.address),
                       notify_peer=False)
@@ -185,12 +242,11 @@ class Lane:
             log.warning("lane_closed", peer=self.address, error=str(err))
         else:
             log.debug("lane_closed", peer=self.address, reason=str(cause))
-        if self.data is not None:
-            await self.data.close()
         await self.control.close()
 
     async def close(self) -> None:
-        self._task.cancel()
+        if self.state != "dead":  # already closing on its own: let _close finish, do not cut it short
+            self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
     # ----------------------------------------------------------------- transfers
@@ -244,7 +300,10 @@ class Lane:
             out.on(OutEvent.RECV_QUEUED)
             ctx.log.debug("queued", position=msg.position)
         elif isinstance(msg, m.Grant):
+            if self.backend == "nixl" and msg.addr is None:
+                raise ProtocolError("GRANT without addr on a nixl lane", transfer_id=out.tid, peer=self.address)
             out.slot = msg.slot
+            ctx.extra["addr"] = msg.addr
             out.on(OutEvent.RECV_GRANT)
             ctx.granted_at = self._loop.time()
             self.chunks_ready(ctx)
@@ -265,6 +324,8 @@ class Lane:
 
     def _forget(self, ctx: OutCtx) -> None:
         self.transfers.pop(ctx.out.tid, None)
+        if self.data is not None and not isinstance(self.data, DataClient):
+            self.data.transfer_ended(ctx.out.tid)  # its chunk buffers may be freed now: deregister them
         if ctx.out.cid is not None:
             self._by_cid.pop(ctx.out.cid, None)
         if ctx.timer is not None:

@@ -1,7 +1,8 @@
 """`Receiver`: the decode side's handle on pdxfer.
 
 It owns one contiguous, page-aligned receive region (an anonymous mmap here; the NIXL
-transport registers the same region once). Every transfer lands in a slice of it that
+transport registers the same region once, on the first NIXL HELLO, and deregisters it in
+`close()` before the region is unmapped). Every transfer lands in a slice of it that
 the admission controller reserved before the first byte moved. A delivered transfer
 stays reserved until the consumer calls `release()` (after unpacking it into the KV
 cache); one that nobody claims is reclaimed after `claim_timeout_s`.
@@ -169,6 +170,8 @@ class Receiver:
     async def _aclose(self) -> None:
         if self._core is not None:
             self._core.shutdown()
+            if self._core.nixl is not None:  # deregister the region before it is unmapped below
+                await self._core.nixl.close()
         if self._server is not None:
             self._server.close()
         for c in list(self._conns):

@@ -4,6 +4,11 @@ Runs only on the receiver's event loop, so it needs no locks. It is the one plac
 the admission controller's events turn into wire messages and waiter wake-ups: a
 GRANT for a waiter admitted later, a FAILED for a lease that expired, a typed error for
 whoever waits on a transfer that ended badly.
+
+Data arrives on TCP connections (`resolve`/`on_frame`/`on_lost` below) or, for peers that
+said HELLO with "nixl", as one-sided WRITEs announced by notifications (`receiver_nixl`).
+A NIXL peer has no data connection whose loss would end its reservations; its leases
+(renewed by heartbeats and by every notification) do that instead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pdxfer.admission import (
     AdmissionController, Ended, EndReason, Grant, Granted, Queued, Rejected,
 )
 from pdxfer.engine.config import ReceiverConfig
+from pdxfer.engine.receiver_nixl import NixlInbound
 from pdxfer.errors import (
     IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout,
 )
@@ -50,6 +56,8 @@ class PeerInfo:
     identity: bytes
     conn_token: int
     conn: DataServerProtocol | None = None
+    nixl_agent: str | None = None  # set for peers that move data with NIXL
+    last_seen: float = 0.0
 
 
 @dataclass
@@ -81,6 +89,14 @@ class ReceiverCore:
         self._timer: asyncio.TimerHandle | None = None
         self.control: ControlServer | None = None
         self.data_address = ""
+        self.nixl: NixlInbound | None = NixlInbound(self, region) if "nixl" in cfg.backends else None
+
+    @property
+    def capabilities(self) -> list[str]:
+        offered = [b for b in self.cfg.backends if b != "nixl"]
+        if self.nixl is not None and not self.nixl.unavailable:
+            offered.append("nixl")
+        return offered
 
     # ------------------------------------------------------------------ control
     def on_control(self, identity: bytes, msg: m.Message) -> None:
@@ -93,6 +109,7 @@ class ReceiverCore:
             self._send(identity, m.Error(cid=msg.cid, error="no_hello", detail="send HELLO first"))
             return
         now = self.loop.time()
+        peer.last_seen = now
         if isinstance(msg, m.Heartbeat):
             self.admission.renew_peer(key, now=now)
             self._send(identity, m.HeartbeatAck(cid=msg.cid))
@@ -112,13 +129,26 @@ class ReceiverCore:
             log.warning("hello_bad_token", peer=key, sender=msg.sender_id)
             self._send(identity, m.Error(cid=msg.cid, error="auth", detail="bad or missing token"))
             return
+        if self.nixl is not None:
+            self.nixl.prune_idle_peers()
+        if "nixl" in msg.capabilities:
+            if self.nixl is None:
+                self._send(identity, m.Error(cid=msg.cid, error="unsupported",
+                                             detail=f"this receiver accepts {list(self.cfg.backends)}, not nixl"))
+                return
+            self.nixl.hello(identity, key, msg, lambda md: self._accept_hello(identity, key, msg, md))
+            return
+        self._accept_hello(identity, key, msg, None)
+
+    def _accept_hello(self, identity: bytes, key: str, msg: m.Hello, nixl_md: bytes | None) -> None:
         token = int.from_bytes(os.urandom(8), "little")
-        info = PeerInfo(msg.sender_id, identity, token)
+        info = PeerInfo(msg.sender_id, identity, token, nixl_agent=msg.nixl_agent if nixl_md else None,
+                        last_seen=self.loop.time())
         self.peers[key] = info
         self._by_token[token] = info
-        self._send(identity, m.HelloOk(cid=msg.cid, receiver_id=self.cfg.receiver_id, capabilities=["tcp"],
+        self._send(identity, m.HelloOk(cid=msg.cid, receiver_id=self.cfg.receiver_id, capabilities=self.capabilities,
                                        data_address=self.data_address, conn_token=token,
-                                       lease_ms=int(self.cfg.lease_s * 1000)))
+                                       lease_ms=int(self.cfg.lease_s * 1000), nixl_md=nixl_md))
 
     def _on_reserve(self, identity: bytes, key: str, msg: m.Reserve, now: float) -> None:
         payload = Payload(tuple(msg.chunk_sizes))
@@ -142,7 +172,12 @@ class ReceiverCore:
         self.inbound[slot] = InboundTransfer(grant.transfer_id, grant.peer, slot, payload, view)
         self._slot_of[grant.transfer_id] = slot
         identity, cid = self._reply_to[grant.transfer_id]
-        self._send(identity, m.Grant(cid=cid, tid=grant.transfer_id, slot=slot, lease_ms=int(self.cfg.lease_s * 1000)))
+        info = self.peers.get(grant.peer)
+        addr = None
+        if info is not None and info.nixl_agent is not None and self.nixl is not None:
+            addr = self.nixl.granted(slot, grant.offset)
+        self._send(identity, m.Grant(cid=cid, tid=grant.transfer_id, slot=slot, lease_ms=int(self.cfg.lease_s * 1000),
+                                     addr=addr))
 
     def _owner(self, tid: str) -> str | None:
         view = self.admission.get(tid)
@@ -163,6 +198,8 @@ class ReceiverCore:
             return
         if t.ready_to_verify:
             self._verify(t)
+        elif self.nixl is not None:
+            self.nixl.commit_waiting(slot)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ data path (DataSink)
     def resolve(self, conn: DataServerProtocol, header: f.FrameHeader) -> memoryview | None:
@@ -252,6 +289,8 @@ class ReceiverCore:
         slot = self._slot_of.pop(tid, None)
         if slot is not None:
             self.inbound.pop(slot, None)
+            if self.nixl is not None:
+                self.nixl.ended(slot)
 
     def _remember(self, tid: str, exc: PdxferError) -> None:
         self.failures[tid] = exc

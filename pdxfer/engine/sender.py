@@ -5,14 +5,19 @@ waits only when the memory budget is full, with a deadline), the checksum of eac
 is computed in the caller's thread, and everything that touches the network runs on
 the sender's own uvloop thread. Results come back as `concurrent.futures.Future`s:
 `.result(timeout)` from sync code, `await asyncio.wrap_future(f)` from asyncio code.
+
+With `backend="nixl"` the Sender creates one NIXL agent (and its progress thread) on the
+first lane that needs it, off the event loop, and tears it down in `close()` after every
+lane has finished or failed its WRITEs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import structlog
 import zmq.asyncio
@@ -25,6 +30,9 @@ from pdxfer.layout.payload import Payload
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.sendq import MemoryBudget
+
+if TYPE_CHECKING:
+    from pdxfer.transport.nixl import NixlSendSide
 
 log = structlog.get_logger("pdxfer.sender")
 
@@ -96,6 +104,7 @@ class Sender:
         self._started = False
         self._ids_lock = threading.Lock()
         self._live_ids: set[str] = set()
+        self._nixl: "asyncio.Future[NixlSendSide] | None" = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Sender":
@@ -128,8 +137,40 @@ class Sender:
 
     async def _aclose(self) -> None:
         await asyncio.gather(*(lane.close() for lane in list(self._lanes.values())), return_exceptions=True)
+        if self._nixl is not None:
+            fut, self._nixl = self._nixl, None
+            try:
+                side = await asyncio.wait_for(asyncio.shield(fut), 30)
+            except Exception as exc:  # never created: nothing to tear down
+                log.debug("nixl_side_never_started", error=repr(exc))
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, side.close)
         if self._zctx is not None:
             self._zctx.term()
+
+    async def _nixl_side(self) -> "NixlSendSide":
+        """The Sender's NIXL side, created on first use in a worker thread (~0.5 s, plus
+        ~1.5 s for the first `import nixl` in the process)."""
+        if self._nixl is None:
+            self._nixl = asyncio.get_running_loop().run_in_executor(None, self._make_nixl)
+        fut = self._nixl
+        try:
+            return await asyncio.shield(fut)
+        except Exception:
+            if self._nixl is fut:
+                self._nixl = None  # let a later lane try again
+            raise
+
+    def _make_nixl(self) -> "NixlSendSide":
+        from pdxfer.transport.nixl import NixlSendSide
+
+        try:
+            side = NixlSendSide(f"{self.config.sender_id}-{os.urandom(3).hex()}", self.config.ucx)
+        except Exception as exc:
+            raise TransferAborted(f"NIXL data path unavailable: {exc}", waiting_for="nixl_agent") from None
+        side.progress.spin_s = self.config.nixl_spin_s
+        side.progress.max_sleep_s = self.config.nixl_max_sleep_s
+        return side
 
     @property
     def budget_used(self) -> int:
@@ -179,7 +220,7 @@ class Sender:
         lane = self._lanes.get(peer)
         if lane is None or lane.state == "dead":
             assert self._zctx is not None
-            lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed)
+            lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed, self._nixl_side)
             self._lanes[peer] = lane
         return lane
 

@@ -5,6 +5,11 @@ requests to one peer can be outstanding at once and nothing ever holds a per-pee
 across a round trip. Replies echo the request's `cid`. A RESERVE may be answered twice
 (QUEUED, later GRANT or REJECT); both carry the RESERVE's `cid`.
 
+Optional fields added later (all default to None, so older peers still decode) carry the
+NIXL data path: HELLO names the sender's NIXL agent, HELLO_OK carries the receiver's agent
+metadata (which includes its registered receive region), and a GRANT to a NIXL peer carries
+the absolute address of the reserved range inside that region.
+
 Deadlines travel as *remaining milliseconds*, never as absolute times: the two hosts'
 clocks are unrelated, and each side turns the budget into its own monotonic deadline.
 """
@@ -30,8 +35,9 @@ class _Msg(msgspec.Struct, tag_field="t", kw_only=True, frozen=True):
 
 class Hello(_Msg, tag="hello"):
     sender_id: str
-    capabilities: list[str] = []
+    capabilities: list[str] = []  # data paths this lane wants: "tcp" or "nixl"
     token: str | None = None
+    nixl_agent: str | None = None  # the sender's NIXL agent name; notifications arrive under it
 
 
 class HelloOk(_Msg, tag="hello_ok"):
@@ -40,6 +46,7 @@ class HelloOk(_Msg, tag="hello_ok"):
     data_address: str  # "host:port" of the TCP data listener
     conn_token: int  # the sender opens its data connection with this token
     lease_ms: int
+    nixl_md: bytes | None = None  # receiver's NIXL agent metadata, when the sender asked for "nixl"
 
 
 class Reserve(_Msg, tag="reserve"):
@@ -53,6 +60,7 @@ class Grant(_Msg, tag="grant"):
     tid: str
     slot: int  # receiver-issued handle that DATA frames carry; never reused
     lease_ms: int
+    addr: int | None = None  # NIXL peers: absolute address of the reserved range to WRITE into
 
 
 class Queued(_Msg, tag="queued"):
@@ -145,5 +153,10 @@ def _validate(msg: Message) -> None:
             )
         if msg.deadline_ms <= 0:
             raise ProtocolError(f"reserve {msg.tid}: deadline_ms {msg.deadline_ms} must be > 0")
-    elif isinstance(msg, Hello) and not 0 < len(msg.sender_id) <= MAX_ID_LEN:
-        raise ProtocolError(f"hello: sender_id length {len(msg.sender_id)} outside 1..{MAX_ID_LEN}")
+    elif isinstance(msg, Hello):
+        if not 0 < len(msg.sender_id) <= MAX_ID_LEN:
+            raise ProtocolError(f"hello: sender_id length {len(msg.sender_id)} outside 1..{MAX_ID_LEN}")
+        if msg.nixl_agent is not None and not 0 < len(msg.nixl_agent) <= MAX_ID_LEN:
+            raise ProtocolError(f"hello: nixl_agent length {len(msg.nixl_agent)} outside 1..{MAX_ID_LEN}")
+    elif isinstance(msg, Grant) and msg.addr is not None and msg.addr < 0:
+        raise ProtocolError(f"grant {msg.tid}: negative addr {msg.addr}")

@@ -1,4 +1,5 @@
-"""Transfer scenarios against a real receiver over real sockets (in-process threads)."""
+"""Transfer scenarios against a real receiver over real sockets (in-process threads),
+over both data paths (`backend`: TCP, and NIXL one-sided WRITEs where nixl is installed)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pdxfer.errors import AdmissionRejected, Backpressure, PeerLost, RejectReaso
 from pdxfer.layout.payload import Payload
 
 
-def test_bytes_arrive_intact_and_ledger_returns_to_zero(make_receiver, make_sender):
-    r, s = make_receiver(), make_sender()
+def test_bytes_arrive_intact_and_ledger_returns_to_zero(make_receiver, make_sender, backend):
+    r, s = make_receiver(), make_sender(backend=backend)
     chunks = [os.urandom(n) for n in (1, 4096, 100_000, 1 << 20)]
     fut = s.submit(r.control_address, "t-intact", chunks)
     with r.wait("t-intact", timeout=10) as got:
@@ -23,11 +24,11 @@ def test_bytes_arrive_intact_and_ledger_returns_to_zero(make_receiver, make_send
     res = fut.result(10)
     assert res.nbytes == sum(map(len, chunks)) and res.chunks == 4
     _eventually(lambda: r.ledger().reserved_bytes == 0)
-    assert s.budget_used == 0
+    _eventually(lambda: s.budget_used == 0)  # NIXL: a chunk's budget returns when its WRITE completed
 
 
-def test_chunks_put_out_of_order_are_sent_in_order(make_receiver, make_sender):
-    r, s = make_receiver(), make_sender()
+def test_chunks_put_out_of_order_are_sent_in_order(make_receiver, make_sender, backend):
+    r, s = make_receiver(), make_sender(backend=backend)
     chunks = [bytes([i]) * 1000 for i in range(6)]
     h = s.open(r.control_address, "t-order", Payload.of(chunks))
     for i in (3, 0, 5, 1, 4, 2):
@@ -37,8 +38,8 @@ def test_chunks_put_out_of_order_are_sent_in_order(make_receiver, make_sender):
     h.future.result(10)
 
 
-def test_transfer_larger_than_capacity_is_rejected_at_once(make_receiver, make_sender):
-    r, s = make_receiver(capacity=1 << 20), make_sender()
+def test_transfer_larger_than_capacity_is_rejected_at_once(make_receiver, make_sender, backend):
+    r, s = make_receiver(capacity=1 << 20), make_sender(backend=backend)
     t0 = time.monotonic()
     fut = s.submit(r.control_address, "too-big", [bytes(2 << 20)], deadline_s=30)
     with pytest.raises(AdmissionRejected) as info:
@@ -49,12 +50,12 @@ def test_transfer_larger_than_capacity_is_rejected_at_once(make_receiver, make_s
     assert s.budget_used == 0
 
 
-def test_thousand_concurrent_transfers_at_five_percent_capacity(make_receiver, make_sender):
+def test_thousand_concurrent_transfers_at_five_percent_capacity(make_receiver, make_sender, backend):
     rng = random.Random(7)
     sizes = [rng.randint(16 << 10, 112 << 10) for _ in range(1000)]
     capacity = sum(sizes) // 20
     r = make_receiver(capacity=capacity, alignment=4096)
-    s = make_sender(memory_budget=sum(sizes) + (1 << 20))
+    s = make_sender(memory_budget=sum(sizes) + (1 << 20), backend=backend)
     blob = os.urandom(max(sizes))
     done = threading.Event()
     peaks: list[int] = []
@@ -93,8 +94,8 @@ def test_thousand_concurrent_transfers_at_five_percent_capacity(make_receiver, m
     assert led.counters["queued_total"] > 0  # the 5% capacity really made transfers wait
 
 
-def test_deadline_while_queued_names_the_state_and_frees_everything(make_receiver, make_sender):
-    r, s = make_receiver(capacity=1 << 20), make_sender()
+def test_deadline_while_queued_names_the_state_and_frees_everything(make_receiver, make_sender, backend):
+    r, s = make_receiver(capacity=1 << 20), make_sender(backend=backend)
     s.submit(r.control_address, "holder", [bytes(1 << 20)]).result(10)
     held = r.wait("holder", timeout=10)  # claimed and not released: the pool is full
     fut = s.submit(r.control_address, "starved", [bytes(4096)], deadline_s=0.5)
@@ -104,11 +105,11 @@ def test_deadline_while_queued_names_the_state_and_frees_everything(make_receive
     _eventually(lambda: r.ledger().waiting_count == 0)
     held.release()
     _eventually(lambda: r.ledger().reserved_bytes == 0)
-    assert s.budget_used == 0
+    _eventually(lambda: s.budget_used == 0)
 
 
-def test_unreachable_receiver_fails_with_peer_lost(make_sender):
-    s = make_sender(handshake_timeout_s=0.3)
+def test_unreachable_receiver_fails_with_peer_lost(make_sender, backend):
+    s = make_sender(handshake_timeout_s=0.3, backend=backend)
     fut = s.submit("tcp://127.0.0.1:9", "nowhere", [b"x" * 100], deadline_s=10)
     with pytest.raises(PeerLost) as info:
         fut.result(10)

@@ -1,0 +1,110 @@
+"""Raw NIXL baseline: one-sided WRITEs of the same bytes, with nothing of pdxfer around them.
+
+The NIXL counterpart of `rawsock`: the ceiling that `pdxfer bench transfer --backend nixl`
+reports its throughput against, measured in the same run. A target process registers a
+transfer-sized buffer once and exposes its agent metadata; the bench process registers its
+source buffer once and WRITEs it chunk by chunk (each chunk to its own offset, cycling
+over the buffer as a KV receiver would), each WRITE with a small notification, keeping
+`concurrency` WRITEs in flight and polling their states back to back on its own thread.
+The target drains notifications with the same progress thread pdxfer's receiver uses, so
+both sides of the comparison pay the same for being told that bytes landed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import mmap
+import sys
+import time
+from typing import Any
+
+from pdxfer.transport.nixl_agent import NixlAgent
+from pdxfer.transport.nixl_progress import NixlProgress
+from pdxfer.transport.nixl_regcache import buffer_address
+
+
+def serve(size: int) -> None:
+    """Run the baseline target until stdin closes; prints {"md", "addr", "size", "ucx_tls"} first."""
+    agent = NixlAgent(f"nixlraw-target-{time.monotonic_ns()}")
+    region = mmap.mmap(-1, size)
+    addr = buffer_address(memoryview(region))
+    agent.register(addr, size)
+    progress = NixlProgress(agent, "nixlraw-target")
+    count = [0]
+    loop = _NoLoop(lambda notifs: count.__setitem__(0, count[0] + sum(len(v) for v in notifs.values())))
+    progress.set_sink(loop, loop.sink)  # type: ignore[arg-type]
+    progress.want_notifs(+1)  # always listening: a bench target has nothing else to do
+    print(json.dumps({"md": base64.b64encode(agent.metadata()).decode(), "addr": addr, "size": size,
+                      "ucx_tls": agent.ucx_env.get("UCX_TLS")}), flush=True)
+    sys.stdin.read()
+    progress.stop()
+    agent.close()
+    print(json.dumps({"notifications": count[0]}), flush=True)
+
+
+class _NoLoop:
+    """Stands in for an event loop: the target runs the sink right on the progress thread."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+
+    def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
+        fn(*args)
+
+
+class RawWriter:
+    """The bench process's side: its own agent, the source buffer registered once."""
+
+    def __init__(self, target: dict[str, Any], data: memoryview) -> None:
+        self.agent = NixlAgent(f"nixlraw-writer-{time.monotonic_ns()}")
+        self.remote = self.agent.add_remote(base64.b64decode(target["md"]))
+        self.remote_addr = int(target["addr"])
+        self.span = min(int(target["size"]), data.nbytes)
+        self.data = data
+        self.local_addr = buffer_address(data)
+        self.agent.register(self.local_addr, data.nbytes)
+
+    def run(self, total_bytes: int, chunk: int, concurrency: int, timeout: float = 120.0) -> float:
+        """Seconds to WRITE `total_bytes` in `chunk` pieces with `concurrency` in flight."""
+        inflight: list[Any] = []
+        left, pos, seq = total_bytes, 0, 0
+        deadline = time.monotonic() + timeout
+        t0 = time.perf_counter()
+        while left or inflight:
+            while left and len(inflight) < concurrency:
+                if pos >= self.span:
+                    pos = 0
+                n = min(chunk, left, self.span - pos)
+                h, state, err = self.agent.post_write([(self.local_addr + pos, self.remote_addr + pos, n)], self.remote,
+                                                      seq.to_bytes(8, "little"))
+                if state == "ERR":
+                    raise RuntimeError(f"baseline WRITE failed: {err}")
+                if h is not None:
+                    inflight.append(h)
+                left -= n
+                pos += n
+                seq += 1
+            if inflight:
+                finished, _ = self.agent.poll(inflight, False)
+                if any(state != "DONE" for _, state in finished):
+                    raise RuntimeError("baseline WRITE completed with state ERR")
+                done = {id(h) for h, _ in finished}
+                inflight = [h for h in inflight if id(h) not in done]
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"baseline run did not finish within {timeout}s")
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+def main() -> None:
+    from pdxfer.logs import configure
+
+    configure("warning")
+    serve(int(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

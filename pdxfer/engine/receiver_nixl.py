@@ -1,0 +1,183 @@
+"""The receiver core's NIXL half: agent setup, GRANT addresses, notifications → transfers.
+
+Runs on the receiver's event loop like `ReceiverCore`, which owns it. The agent (and the
+registration of the whole receive region) is created on the first HELLO that asks for
+"nixl", in a worker thread, so a receiver that only ever serves TCP never imports NIXL.
+
+A NIXL chunk needs no resolver: the sender already wrote it where the GRANT said. Its
+notification is the data-frame header, so `InboundTransfer.destination()` validates
+slot, index, offset and length exactly as for a TCP frame; then the landed bytes are
+hashed and `chunk_arrived()` takes over. The progress thread polls for notifications
+only while some granted NIXL transfer has not ended (`want_notifs`), and parks otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Callable
+
+import structlog
+
+from pdxfer.errors import IntegrityError, ProtocolError
+from pdxfer.protocol import messages as m
+from pdxfer.protocol.checksum import chunk_checksum
+from pdxfer.transport.nixl import NixlRecvSide, parse_notif  # cheap: nixl itself is imported lazily
+
+if TYPE_CHECKING:
+    from pdxfer.engine.receiver_core import ReceiverCore
+
+log = structlog.get_logger("pdxfer.receiver")
+
+Accept = Callable[[bytes], None]  # send HELLO_OK with this NIXL metadata
+
+
+class NixlInbound:
+    def __init__(self, core: "ReceiverCore", region: memoryview) -> None:
+        self.core = core
+        self.region = region
+        self.side: NixlRecvSide | None = None
+        self._setup: "asyncio.Future[NixlRecvSide] | None" = None
+        self._tasks: set[asyncio.Task] = set()
+        self.agents: dict[str, str] = {}  # sender's NIXL agent name -> control identity (peer key)
+        self.slots: set[int] = set()  # granted NIXL slots whose transfer has not ended
+        self.unavailable = ""  # why the last setup failed (then HELLO_OK stops offering nixl)
+
+    # ------------------------------------------------------------------ handshake
+    def hello(self, identity: bytes, key: str, msg: m.Hello, accept: Accept) -> None:
+        if not msg.nixl_agent:
+            self.core._send(identity, m.Error(cid=msg.cid, error="protocol", detail="nixl HELLO without nixl_agent"))
+            return
+        if self.side is not None:
+            self._accept(key, msg, accept)
+            return
+        task = self.core.loop.create_task(self._hello_after_setup(identity, key, msg, accept))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hello_after_setup(self, identity: bytes, key: str, msg: m.Hello, accept: Accept) -> None:
+        cfg = self.core.cfg
+        if self._setup is None:
+            self._setup = self.core.loop.run_in_executor(None, self._make_side)
+        fut = self._setup
+        try:
+            side = await asyncio.wait_for(asyncio.shield(fut), cfg.nixl_setup_timeout_s)
+        except Exception as exc:
+            if self._setup is fut and fut.done():
+                self._setup = None  # a later HELLO tries again
+            self.unavailable = str(exc) or type(exc).__name__
+            log.error("nixl_setup_failed", peer=key, error=self.unavailable)
+            self.core._send(identity, m.Error(cid=msg.cid, error="nixl_unavailable", detail=self.unavailable))
+            return
+        if self.side is None:
+            self.side = side
+            side.start(self.core.loop, self.on_notifs)
+            log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulted=side.populated,
+                     ucx_tls=side.agent.ucx_env.get("UCX_TLS"))
+        self._accept(key, msg, accept)
+
+    def _make_side(self) -> NixlRecvSide:
+        cfg = self.core.cfg
+        side = NixlRecvSide(f"{cfg.receiver_id}-{os.urandom(3).hex()}", self.region, cfg.ucx)
+        side.progress.spin_s = cfg.nixl_spin_s
+        side.progress.max_sleep_s = cfg.nixl_max_sleep_s
+        return side
+
+    def _accept(self, key: str, msg: m.Hello, accept: Accept) -> None:
+        assert self.side is not None and msg.nixl_agent
+        self.agents[msg.nixl_agent] = key
+        self.unavailable = ""
+        accept(self.side.metadata)
+
+    # ------------------------------------------------------------------ grants
+    def granted(self, slot: int, offset: int) -> int:
+        """A transfer to a NIXL peer was granted: poll for its notifications from now on."""
+        assert self.side is not None
+        self.slots.add(slot)
+        self.side.progress.want_notifs(+1)
+        return self.side.base_addr + offset
+
+    def commit_waiting(self, slot: int) -> None:
+        """COMMIT overtook the last notifications: look for them now, not after a backoff."""
+        if slot in self.slots and self.side is not None:
+            self.side.progress.kick()
+
+    def ended(self, slot: int) -> None:
+        if slot in self.slots:
+            self.slots.discard(slot)
+            if self.side is not None:
+                self.side.progress.want_notifs(-1)
+
+    def prune_idle_peers(self) -> None:
+        """NIXL peers have no connection whose close tells us they left: forget the ones
+        silent for `nixl_peer_idle_s` with nothing reserved, so the peer table stays bounded."""
+        core = self.core
+        cutoff = core.loop.time() - core.cfg.nixl_peer_idle_s
+        busy = {t.peer for t in core.inbound.values()}
+        busy |= {p.identity.decode(errors="replace") for p in core.pending.values()}
+        for key, info in list(core.peers.items()):
+            if info.nixl_agent is not None and info.last_seen < cutoff and key not in busy:
+                del core.peers[key]
+                core._by_token.pop(info.conn_token, None)
+                for name in [n for n, k in self.agents.items() if k == key]:
+                    del self.agents[name]
+
+    # ------------------------------------------------------------------ notifications
+    def on_notifs(self, batch: dict[str, list[bytes]]) -> None:
+        """Called on the loop by the progress thread with {agent name: [notification, ...]}."""
+        now = self.core.loop.time()
+        for agent, msgs in batch.items():
+            agent = agent.decode() if isinstance(agent, bytes) else agent
+            key = self.agents.get(agent)
+            for raw in msgs:
+                try:
+                    self._on_chunk(agent, key, raw, now)
+                except Exception:  # one bad notification must not lose the others
+                    log.exception("nixl_notif_failed", agent=agent)
+        self.core._schedule()
+
+    def _on_chunk(self, agent: str, key: str | None, raw: bytes, now: float) -> None:
+        core = self.core
+        try:
+            headers = parse_notif(bytes(raw))
+        except ProtocolError as exc:
+            log.error("nixl_notif_malformed", agent=agent, error=str(exc))
+            return
+        for header in headers:
+            t = core.inbound.get(header.slot)
+            if t is None:
+                if header.slot >= core._next_slot:
+                    log.error("nixl_notif_unknown_slot", agent=agent, slot=header.slot)
+                continue  # the transfer ended meanwhile (lease, abort): a late chunk, dropped
+            if key is None or t.peer != key:
+                log.error("nixl_notif_wrong_peer", agent=agent, slot=header.slot, transfer_id=t.tid)
+                continue
+            try:
+                view = t.destination(header)
+            except ProtocolError as exc:
+                core._fail_transfer(t, exc, "protocol")
+                continue
+            core.admission.renew(t.tid, now=now)
+            try:
+                t.chunk_arrived(header, view, chunk_checksum(view))
+            except IntegrityError as exc:
+                core._fail_transfer(t, exc, "integrity")
+                continue
+            if t.ready_to_verify:
+                core._verify(t)
+
+    # ------------------------------------------------------------------ shutdown
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop polling and tear the agent down; must run before the region is unmapped."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        side = self.side
+        if side is None and self._setup is not None:
+            try:
+                side = await asyncio.wait_for(asyncio.shield(self._setup), timeout)
+            except Exception:
+                side = None
+        self.side, self._setup = None, None
+        if side is not None:
+            await self.core.loop.run_in_executor(None, side.close)

@@ -1,0 +1,124 @@
+"""NIXL registrations of the sender's chunk buffers: register in place, never stage.
+
+A chunk buffer is arbitrary caller memory, and NIXL can only WRITE from registered
+memory. Measured here (UCX tcp,self,sm, DRAM): registering a 2 MiB buffer costs ~13 µs
+and deregistering ~1 µs, while copying it into a registered staging pool costs ~230 µs
+(16 MiB: 43 µs vs 2 ms). The copy would also be a second full pass over the bytes on the
+core that does the WRITE, so registering in place wins by more than 10x on CPU. (With
+RDMA, registration pins pages and costs more; the cache below then saves the repeat.)
+
+Entries are keyed by (address, nbytes) and hold a memoryview of the buffer, so the
+address cannot be freed or reused while it is registered. An entry lives while a WRITE
+from it is in flight, and stays cached (idle) only while a transfer that used it is still
+live: a caller may free or reuse a buffer once its transfer's future resolves, so every
+entry of a transfer is deregistered when that transfer ends. Idle entries are bounded
+(LRU by count and bytes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pdxfer.transport.nixl_agent import NixlAgent
+
+Key = tuple[int, int]
+
+
+def buffer_address(view: memoryview) -> int:
+    """Address of a C-contiguous buffer's first byte (read-only buffers included)."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+@dataclass
+class _Entry:
+    reg: Any
+    view: memoryview  # pins the buffer (its address stays valid) while registered
+    refs: int = 0  # WRITEs in flight from this entry
+    owners: set[str] = field(default_factory=set)  # live transfers that used it
+
+
+class RegistrationCache:
+    def __init__(self, agent: NixlAgent, *, max_idle: int = 256, max_idle_bytes: int = 1 << 30) -> None:
+        self._agent = agent
+        self.max_idle = max_idle
+        self.max_idle_bytes = max_idle_bytes
+        self._entries: dict[Key, _Entry] = {}
+        self._idle: OrderedDict[Key, None] = OrderedDict()  # refs == 0, oldest first
+        self._idle_bytes = 0
+        self._by_owner: dict[str, set[Key]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def registered_bytes(self) -> int:
+        return sum(k[1] for k in self._entries)
+
+    def acquire(self, view: memoryview, owner: str) -> tuple[Key, int]:
+        """Registration for `view` (registered now if not cached); returns (key, address)."""
+        addr = buffer_address(view)
+        key = (addr, view.nbytes)
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            entry = _Entry(self._agent.register(addr, view.nbytes), memoryview(view))  # our own export
+            self._entries[key] = entry
+        else:
+            self.hits += 1
+            if entry.refs == 0:
+                self._idle.pop(key, None)
+                self._idle_bytes -= key[1]
+        entry.refs += 1
+        if owner not in entry.owners:
+            entry.owners.add(owner)
+            self._by_owner.setdefault(owner, set()).add(key)
+        return key, addr
+
+    def release(self, key: Key) -> None:
+        """A WRITE from `key` finished (or failed)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs > 0:
+            return
+        if not entry.owners:
+            self._drop(key)
+            return
+        self._idle[key] = None
+        self._idle_bytes += key[1]
+        while self._idle and (len(self._idle) > self.max_idle or self._idle_bytes > self.max_idle_bytes):
+            self._drop(next(iter(self._idle)))
+
+    def end_owner(self, owner: str) -> None:
+        """Transfer `owner` ended: its buffers may be freed now, so forget what only it used."""
+        for key in self._by_owner.pop(owner, ()):
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            entry.owners.discard(owner)
+            if not entry.owners and entry.refs == 0:
+                self._drop(key)
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._drop(key)
+        self._by_owner.clear()
+
+    def _drop(self, key: Key) -> None:
+        entry = self._entries.pop(key)
+        if key in self._idle:
+            del self._idle[key]
+            self._idle_bytes -= key[1]
+        for owner in entry.owners:
+            keys = self._by_owner.get(owner)
+            if keys is not None:
+                keys.discard(key)
+        self._agent.deregister(entry.reg)
+        entry.view.release()  # our own view only: the caller's view stays usable

@@ -1,0 +1,32 @@
+"""Backend selection and UCX settings: validated up front, environment wins."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdxfer.engine import ReceiverConfig, SenderConfig
+from pdxfer.transport.nixl_agent import UCX_DEFAULTS, apply_ucx_env
+
+
+def test_backend_values_are_validated():
+    assert SenderConfig().backend == "tcp" and ReceiverConfig().backends == ("tcp", "nixl")
+    with pytest.raises(ValueError, match="backend"):
+        SenderConfig(backend="rdma")
+    with pytest.raises(ValueError, match="backends"):
+        ReceiverConfig(backends=("tcp", "carrier-pigeon"))
+    with pytest.raises(ValueError, match="backends"):
+        ReceiverConfig(backends=())
+    with pytest.raises(ValueError, match="UCX_"):
+        SenderConfig(backend="nixl", ucx={"TLS": "tcp"})
+    assert ReceiverConfig(backends=["tcp"]).backends == ("tcp",)  # lists are accepted, stored as a tuple
+
+
+def test_ucx_precedence_environment_then_config_then_defaults(monkeypatch):
+    for key in list(UCX_DEFAULTS) + ["UCX_RNDV_THRESH"]:
+        monkeypatch.setenv(key, "x")  # records the original state, restored after the test
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("UCX_TLS", "tcp,self")  # what the operator set
+    env = apply_ucx_env({"UCX_TLS": "tcp,self,sm,cma", "UCX_RNDV_THRESH": "8k"})
+    assert env["UCX_TLS"] == "tcp,self"  # the environment is never overridden
+    assert env["UCX_RNDV_THRESH"] == "8k"  # config fills what the environment left open
+    assert env["UCX_NET_DEVICES"] == UCX_DEFAULTS["UCX_NET_DEVICES"]  # defaults fill the rest

@@ -1,0 +1,146 @@
+"""The NIXL progress thread and registration cache, with real agents on host memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from tests.conftest import HAVE_NIXL
+
+pytestmark = [pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed"), pytest.mark.timeout(60)]
+
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def pair():
+    """Two agents in this process: `dst` registers a region, `src` has loaded its metadata."""
+    from pdxfer.transport.nixl_agent import NixlAgent
+    from pdxfer.transport.nixl_regcache import buffer_address
+
+    tag = os.urandom(3).hex()
+    src, dst = NixlAgent(f"test-src-{tag}"), NixlAgent(f"test-dst-{tag}")
+    region = bytearray(SIZE)
+    dst.register(buffer_address(memoryview(region)), SIZE)
+    remote = src.add_remote(dst.metadata())
+    yield src, dst, remote, region
+    src.close()
+    dst.close()
+
+
+def _eventually(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not pred():
+        time.sleep(0.005)  # poll-ok: test helper
+    assert pred()
+
+
+def test_write_with_notification_completes_and_threads_park_when_idle(pair):
+    from pdxfer.transport.nixl_progress import NixlProgress
+    from pdxfer.transport.nixl_regcache import buffer_address
+
+    src, dst, remote, region = pair
+    sender, receiver = NixlProgress(src, "t-send"), NixlProgress(dst, "t-recv")
+    try:
+        async def main() -> tuple[str, list[bytes]]:
+            loop = asyncio.get_running_loop()
+            got: asyncio.Future[list[bytes]] = loop.create_future()
+            receiver.set_sink(loop, lambda n: got.done() or got.set_result([m for ms in n.values() for m in ms]))
+            receiver.want_notifs(+1)
+            done: asyncio.Future[str] = loop.create_future()
+            payload = memoryview(bytearray(b"abc" * 1000))
+            sender.post(loop, lambda state, err: done.set_result(state), payload,
+                        buffer_address(memoryview(region)) + 4096, payload.nbytes, remote, b"hello", owner="t1")
+            state = await asyncio.wait_for(done, 10)
+            notifs = await asyncio.wait_for(got, 10)
+            receiver.want_notifs(-1)
+            sender.end_owner("t1")
+            return state, notifs
+
+        state, notifs = asyncio.run(main())
+        assert state == "DONE" and notifs == [b"hello"]
+        assert bytes(region[4096:4096 + 3000]) == b"abc" * 1000
+        _eventually(lambda: len(sender.cache) == 0)  # the buffer was deregistered when its transfer ended
+        # Nothing outstanding: both threads park on their Event and stop polling altogether.
+        _eventually(lambda: sender.in_flight == 0 and receiver.interest == 0)
+        time.sleep(0.05)  # poll-ok: let both threads reach their park
+        polls = (sender.stats.polls, receiver.stats.polls)
+        time.sleep(0.3)  # poll-ok: an idle window in which a polling thread would poll hundreds of times
+        assert (sender.stats.polls, receiver.stats.polls) == polls
+        assert sender.stats.idle_waits >= 1 and receiver.stats.idle_waits >= 1
+    finally:
+        assert sender.stop() == [] and receiver.stop() == []
+
+
+def test_consecutive_writes_are_batched_into_one_request_with_all_notifications(pair):
+    from pdxfer.transport.nixl_progress import NixlProgress
+    from pdxfer.transport.nixl_regcache import buffer_address
+
+    src, dst, remote, region = pair
+    sender, receiver = NixlProgress(src, "b-send"), NixlProgress(dst, "b-recv")
+    base = buffer_address(memoryview(region))
+    chunks = [bytes([i]) * 8192 for i in range(6)]
+    expected = b"".join(b"n%d" % i for i in range(6))
+    try:
+        async def main() -> list[bytes]:
+            loop = asyncio.get_running_loop()
+            seen: list[bytes] = []
+            all_in: asyncio.Future[None] = loop.create_future()
+
+            def sink(n: dict) -> None:
+                seen.extend(m for ms in n.values() for m in ms)
+                if sum(len(m) for m in seen) == len(expected) and not all_in.done():
+                    all_in.set_result(None)
+
+            receiver.set_sink(loop, sink)
+            receiver.want_notifs(+1)
+            states: list[str] = []
+            with src.lock:  # hold the agent: the poster blocks on its first post, the rest queue up
+                for i, c in enumerate(chunks):
+                    sender.post(loop, lambda s, e: states.append(s), memoryview(c), base + i * 8192, 8192, remote,
+                                b"n%d" % i, owner="b")
+            await asyncio.wait_for(all_in, 10)
+            while len(states) < 6:
+                await asyncio.sleep(0.001)  # poll-ok: test waits for the loop callbacks
+            receiver.want_notifs(-1)
+            sender.end_owner("b")
+            assert states == ["DONE"] * 6
+            return seen
+
+        seen = asyncio.run(main())
+        assert b"".join(seen) == expected  # in order; one notification per request, bodies concatenated
+        assert sender.stats.posts < 6  # at least some WRITEs shared a request
+        assert [bytes(region[i * 8192:(i + 1) * 8192]) for i in range(6)] == chunks
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_registration_cache_shares_live_entries_and_deregisters_when_transfers_end(pair):
+    from pdxfer.transport.nixl_regcache import RegistrationCache
+
+    src, _, _, _ = pair
+    cache = RegistrationCache(src, max_idle=1)
+    a, b = memoryview(bytearray(4096)), memoryview(bytearray(4096))
+    k1, _ = cache.acquire(a, "t1")
+    k2, _ = cache.acquire(a, "t2")  # same buffer in a concurrent transfer: one registration
+    assert k1 == k2 and len(cache) == 1 and cache.hits == 1
+    cache.release(k1)
+    cache.release(k2)
+    assert len(cache) == 1  # idle, but t1 and t2 are live: kept for reuse
+    cache.end_owner("t1")
+    assert len(cache) == 1
+    cache.end_owner("t2")
+    assert len(cache) == 0  # its transfers ended: the caller may free the buffer now
+    kb, _ = cache.acquire(b, "t3")
+    ka, _ = cache.acquire(a, "t3")
+    cache.release(kb)
+    cache.release(ka)
+    assert len(cache) == 1  # bounded: max_idle=1 evicted the older idle entry
+    owner = a.obj
+    cache.clear()
+    a.release()
+    owner.extend(b"x")  # the cache left no export behind: the caller's buffer is resizable again
