@@ -279,8 +279,8 @@ class NixlAgent:
             for reg in self._regs:
                 try:
                     agent.deregister_memory(reg)
-                except Exception:
-                    pass
+                except Exception as exc:  # the agent is going away; UCX frees the mapping with it
+                    log.debug("nixl_deregister_failed", agent=self.name, error=repr(exc))
             self._regs.clear()
             _progress(agent, 3)
             del agent  # the last reference: the C++ agent and its UCX worker go away here
@@ -309,5 +309,5 @@ def _close_all() -> None:
     for agent in list(_live):
         try:
             agent.close(lock_timeout=2.0)
-        except Exception:
-            pass
+        except Exception as exc:  # at exit: report, keep closing the others
+            log.warning("nixl_agent_close_at_exit_failed", agent=agent.name, error=repr(exc))
