@@ -92,6 +92,9 @@ class Lane:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._hello_cid = next(self._cids)
+        # Transfers aborted before the handshake finished: the receiver has never heard of
+        # them, but a decode-side waiter may be waiting for that id. Tell it once connected.
+        self._early_aborts: list[tuple[str, str]] = []
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
         self.last_seen = self._loop.time()
         self.data: DataClient | NixlDataClient | None = None
@@ -163,6 +166,9 @@ class Lane:
         self.state = "ready"
         self.last_seen = self._loop.time()
         log.debug("lane_ready", peer=self.address, receiver=ok.receiver_id, backend=self.backend)
+        for tid, reason in self._early_aborts:
+            self.control.send(m.Abort(cid=0, tid=tid, reason=reason))
+        self._early_aborts.clear()
         for ctx in list(self.transfers.values()):
             self._send_reserve(ctx)
 
@@ -349,7 +355,9 @@ class Lane:
         self._forget(ctx)
         for buf in out.drop_buffers():
             self.budget.release(memoryview(buf).nbytes)
-        if notify_peer and self.state == "ready" and was != OutState.WAITING_PEER:
+        if notify_peer and was == OutState.WAITING_PEER and self.state == "connecting":
+            self._early_aborts.append((out.tid, type(err).__name__))
+        elif notify_peer and self.state == "ready":
             self.control.send(m.Abort(cid=out.cid or 0, tid=out.tid, reason=type(err).__name__))
         ctx.log.warning("transfer_failed", state=was.value, error=str(err))
         if not ctx.future.done():

@@ -118,8 +118,14 @@ class ReceiverCore:
         elif isinstance(msg, m.Commit):
             self._on_commit(identity, msg)
         elif isinstance(msg, m.Abort):
-            if self.admission.get(msg.tid) is not None and self._owner(msg.tid) == key:
-                self._handle(self.admission.abort(msg.tid, EndReason.ABORTED, now=now))
+            if self.admission.get(msg.tid) is not None:
+                if self._owner(msg.tid) == key:
+                    self._handle(self.admission.abort(msg.tid, EndReason.ABORTED, now=now))
+            elif msg.tid not in self.failures:
+                # Aborted before its RESERVE was sent: wake whoever waits for it now,
+                # rather than at their own timeout.
+                self._remember(msg.tid, TransferAborted(f"sender aborted before reserving: {msg.reason}",
+                                                        transfer_id=msg.tid, peer=key))
         else:
             log.error("control_unexpected", peer=key, msg=type(msg).__name__)
         self._schedule()

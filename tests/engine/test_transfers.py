@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pdxfer.errors import AdmissionRejected, Backpressure, PeerLost, RejectReason, TransferTimeout
+from pdxfer.errors import AdmissionRejected, Backpressure, PeerLost, RejectReason, TransferAborted, TransferTimeout
 from pdxfer.layout.payload import Payload
 
 
@@ -147,3 +147,15 @@ def _eventually(pred, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     assert pred()
+
+
+def test_abort_before_reserve_wakes_the_decode_side_waiter(make_receiver, make_sender):
+    r, s = make_receiver(), make_sender()
+    waiter = r.wait_future("early-abort", timeout=30)
+    h = s.open(r.control_address, "early-abort", Payload((4096,)))
+    h.abort("client went away")  # posted right behind open(): the lane is still connecting
+    with pytest.raises(TransferAborted) as info:
+        waiter.result(10)  # well before the waiter's own 30 s timeout
+    assert info.value.transfer_id == "early-abort"
+    with pytest.raises(TransferAborted):
+        h.future.result(5)
