@@ -41,15 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = top.add_parser(path[0], help=f"{path[0]} subcommands").add_subparsers(
                     dest="subcommand", required=True)
             subs = groups[path[0]]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            # An optional dependency (torch for `bench pack`, say) is missing: keep the
+            # command listed, and say what to install only when someone runs it.
+            p = subs.add_parser(path[-1], help=f"{help_text} (unavailable: {exc.name} not installed)",
+                                add_help=False)
+            p.set_defaults(_missing=(" ".join(path), exc.name or str(exc)))
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            continue
         p = subs.add_parser(path[-1], help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        mod = importlib.import_module(module)
         mod.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = getattr(args, "_missing", None)
+    if missing is not None:
+        print(f"pdxfer {missing[0]}: needs the Python package {missing[1]!r}, which is not installed"
+              f" (for torch: pip install 'pdxfer[torch]' or torch==2.13.0 on CPU)", file=sys.stderr)
+        return 2
     from pdxfer.logs import configure
 
     configure(args.log_level, args.log_json)

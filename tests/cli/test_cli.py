@@ -1,0 +1,34 @@
+import builtins
+import subprocess
+import sys
+
+import pytest
+
+from pdxfer import cli
+
+
+def test_every_command_is_listed():
+    out = subprocess.run([sys.executable, "-m", "pdxfer", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for name in ("demo", "receiver", "bench", "proxy"):
+        assert name in out.stdout
+
+
+def test_missing_optional_dependency_names_the_package(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "pdxfer.pack.bench", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert cli.main(["bench", "pack"]) == 2
+    assert "'torch'" in capsys.readouterr().err
+
+
+def test_bad_size_is_a_clear_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["receiver", "--capacity", "lots"])
+    assert "not a byte size: 'lots'" in capsys.readouterr().err
