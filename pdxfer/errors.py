@@ -37,6 +37,7 @@ class PdxferError(Exception):
         self.transfer_id = transfer_id
         self.peer = peer
         self.waiting_for = waiting_for
+        self.message = message  # without the context fields, to build on
         parts = [message]
         if transfer_id is not None:
             parts.append(f"transfer={transfer_id}")
@@ -77,6 +78,10 @@ class TransferAborted(PdxferError):
 
 class Backpressure(PdxferError):
     """The send queue's memory budget stayed full until the submit deadline."""
+
+
+class SpillExhausted(Backpressure):
+    """The memory budget stayed full and no spill tier had room for its held chunks."""
 
 
 class LeaseExpired(PdxferError):

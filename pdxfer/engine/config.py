@@ -39,14 +39,33 @@ class SenderConfig:
     ucx: dict[str, str] = field(default_factory=dict, hash=False)
     nixl_spin_s: float = 0.0  # progress thread: poll back to back this long after an event,
     nixl_max_sleep_s: float = 1e-3  # then back off up to this; parked (0 CPU) when nothing is in flight
+    # Spill tiers (issue 5). Chunks of transfers that have no GRANT yet move out of the
+    # memory budget into host memory (pinned where CUDA exists), then into files under
+    # `spill_dir`, when put() would otherwise wait for budget, or once their transfer has
+    # waited `spill_after_s` for a GRANT. 0 bytes disables a tier; both 0: no spilling.
+    spill_host_bytes: int = 0
+    spill_disk_bytes: int = 0
+    spill_dir: str | None = None  # default: <tempdir>/pdxfer-spill (stale files of dead processes are removed)
+    spill_after_s: float | None = None  # None: spill only under budget pressure
+    restore_buffer_bytes: int = 64 << 20  # per lane: disk-tier chunks read back ahead of the wire
+    restore_ahead: int = 4  # chunks read back ahead of the one being sent
+
+    @property
+    def spill_enabled(self) -> bool:
+        return self.spill_host_bytes > 0 or self.spill_disk_bytes > 0
 
     def __post_init__(self) -> None:
         for name in ("deadline_s", "submit_timeout_s", "handshake_timeout_s", "heartbeat_s", "peer_timeout_s",
-                     "lane_idle_s", "nixl_max_sleep_s"):
+                     "lane_idle_s", "nixl_max_sleep_s", "restore_buffer_bytes", "restore_ahead"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SenderConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.memory_budget <= 0:
             raise ValueError(f"SenderConfig.memory_budget must be > 0, got {self.memory_budget}")
+        for name in ("spill_host_bytes", "spill_disk_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SenderConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.spill_after_s is not None and self.spill_after_s < 0:
+            raise ValueError(f"SenderConfig.spill_after_s must be >= 0 or None, got {self.spill_after_s}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SenderConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         _check_ucx("SenderConfig", self.ucx)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ from pdxfer.protocol import messages as m
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutEvent, OutState
-from pdxfer.sendq import MemoryBudget, PeerQueue
+from pdxfer.sendq import MemoryBudget, PeerQueue, SendItem
+from pdxfer.sendq.holdings import Holdings, is_spilled
+from pdxfer.sendq.restore import Restored, Restorer, RestorePool
 from pdxfer.transport.control import ControlClient
 from pdxfer.transport.tcp import DataClient
 
@@ -80,15 +83,22 @@ class OutCtx:
 class Lane:
     def __init__(self, address: str, cfg: "SenderConfig", budget: MemoryBudget,
                  ctx: zmq.asyncio.Context, on_closed: Any,
-                 nixl_side: "Callable[[], Awaitable[NixlSendSide]] | None" = None) -> None:
+                 nixl_side: "Callable[[], Awaitable[NixlSendSide]] | None" = None,
+                 holdings: Holdings | None = None, io: concurrent.futures.Executor | None = None) -> None:
         self.address = address
         self.cfg = cfg
         self.budget = budget
+        self.holdings = holdings if holdings is not None else Holdings(budget)
+        store = self.holdings.store
+        # Spilled chunks come back through here, a few ahead of the wire (sendq.restore).
+        self._restorer = (Restorer(store, RestorePool(cfg.restore_buffer_bytes), io)
+                          if store is not None and io is not None else None)
+        self._restores: dict[tuple[str, int], asyncio.Task[Restored]] = {}
         self.state = "connecting"
         self.transfers: dict[str, OutCtx] = {}
         self._by_cid: dict[int, OutCtx] = {}
         self._cids = itertools.count(1)
-        self.queue = PeerQueue(budget)
+        self.queue = PeerQueue(self._drop_item)
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._hello_cid = next(self._cids)
@@ -186,15 +196,22 @@ class Lane:
                 continue
             t = item.transfer
             offset, size = t.payload.chunk_range(item.index)
+            payload = item.buffer
+            restored: Restored | None = None
+            if is_spilled(payload):
+                restored = await self._restore(item)
+                if restored is None:
+                    continue  # failed (integrity) or ended while it was read back
+                payload = restored.view
             checksum = item.checksum
             if checksum is None:
-                checksum = chunk_checksum(item.buffer)
+                checksum = chunk_checksum(payload)
                 t.record_checksum(item.index, checksum)
             if isinstance(self.data, DataClient):
                 try:
-                    await self.data.send_chunk(t.slot, item.index, offset, item.buffer, checksum)  # type: ignore[arg-type]
+                    await self.data.send_chunk(t.slot, item.index, offset, payload, checksum)  # type: ignore[arg-type]
                 finally:
-                    self.budget.release(size)
+                    self._sent(item, restored)
             else:
                 # NIXL: the progress thread registers and copies (overlapping with the next
                 # hash here); the budget comes back when the WRITE completed. COMMIT may go
@@ -203,15 +220,75 @@ class Lane:
                 # never cover a chunk that did not land.
                 ctx = self.transfers[t.tid]  # pop() skips ended transfers, so it is still live
                 fut = self.data.send_chunk(tid=t.tid, slot=t.slot, index=item.index, offset=offset,  # type: ignore[arg-type]
-                                           payload=item.buffer, checksum=checksum, base_addr=ctx.extra["addr"])
-                fut.add_done_callback(lambda f, size=size: self._write_done(f, size))
+                                           payload=payload, checksum=checksum, base_addr=ctx.extra["addr"])
+                fut.add_done_callback(functools.partial(self._write_done, item=item, restored=restored))
             self._chunk_sent(t)
 
-    def _write_done(self, fut: asyncio.Future, size: int) -> None:
-        """A NIXL WRITE finished: its budget goes back now, whatever the outcome."""
-        self.budget.release(size)
+    def _write_done(self, fut: asyncio.Future, *, item: SendItem, restored: Restored | None) -> None:
+        """A NIXL WRITE finished: what the chunk held goes back now, whatever the outcome."""
+        self._sent(item, restored)
         if not fut.cancelled():
             fut.exception()  # failures end the lane through the data client's `closed` future
+
+    def _sent(self, item: SendItem, restored: Restored | None) -> None:
+        """The chunk's bytes left (or never will): give back its budget or tier space and
+        its read-back buffer."""
+        if restored is not None and self._restorer is not None:
+            self._restorer.done_with(restored)
+        self.holdings.release(item.buffer, item.nbytes)
+
+    async def _restore(self, item: SendItem) -> Restored | None:
+        """Bring a spilled chunk back (started earlier by read-ahead, or now) and start the
+        next ones. None when its transfer failed or ended meanwhile (already released)."""
+        assert self._restorer is not None
+        t = item.transfer
+        task = self._restores.pop((t.tid, item.index), None)
+        if task is None:
+            task = self._restorer.start(item.buffer, t.tid)
+            assert task is not None
+        self._read_ahead()
+        try:
+            restored = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._abandon(item, task)  # lane closing: give back once the read has stopped
+            raise
+        except IntegrityError as exc:
+            self.holdings.release(item.buffer, item.nbytes)
+            ctx = self.transfers.get(t.tid)
+            if ctx is not None:
+                self.fail(ctx, exc)  # this transfer only: the lane keeps serving the others
+            return None
+        if t.terminal:
+            self._sent(item, restored)
+            return None
+        return restored
+
+    def _read_ahead(self) -> None:
+        assert self._restorer is not None
+        for nxt in self.queue.peek(self.cfg.restore_ahead):
+            key = (nxt.transfer.tid, nxt.index)
+            if not is_spilled(nxt.buffer) or nxt.transfer.terminal or key in self._restores:
+                continue
+            task = self._restorer.start(nxt.buffer, nxt.transfer.tid, wait=False)
+            if task is None:
+                break  # pool full: the read-ahead stays a prefix of the queue, never a gap
+            self._restores[key] = task
+
+    def _abandon(self, item: SendItem, task: "asyncio.Task[Restored]") -> None:
+        def done(t: "asyncio.Task[Restored]") -> None:
+            if not t.cancelled() and t.exception() is None and self._restorer is not None:
+                self._restorer.done_with(t.result())
+            self.holdings.release(item.buffer, item.nbytes)
+
+        task.add_done_callback(done)
+
+    def _drop_item(self, item: SendItem) -> None:
+        """A queued chunk that will never be sent (its transfer ended, or the lane closed)."""
+        task = self._restores.pop((item.transfer.tid, item.index), None)
+        if task is not None:
+            self._abandon(item, task)
+        else:
+            self.holdings.release(item.buffer, item.nbytes)
 
     def _chunk_sent(self, t: OutboundTransfer) -> None:
         t.sent_chunks += 1
@@ -336,6 +413,9 @@ class Lane:
             self._by_cid.pop(ctx.out.cid, None)
         if ctx.timer is not None:
             ctx.timer.cancel()
+        spill_timer = ctx.extra.get("spill_timer")
+        if spill_timer is not None:
+            spill_timer.cancel()
 
     def _finish(self, ctx: OutCtx) -> None:
         self._forget(ctx)
@@ -353,8 +433,8 @@ class Lane:
         was = out.state
         out.on(OutEvent.FAIL)
         self._forget(ctx)
-        for buf in out.drop_buffers():
-            self.budget.release(memoryview(buf).nbytes)
+        for buf, nbytes in out.drop_buffers():
+            self.holdings.release(buf, nbytes)
         if notify_peer and was == OutState.WAITING_PEER and self.state == "connecting":
             self._early_aborts.append((out.tid, type(err).__name__))
         elif notify_peer and self.state == "ready":

@@ -25,13 +25,14 @@ import zmq.asyncio
 from pdxfer.engine.config import SenderConfig
 from pdxfer.engine.lane import Lane, OutCtx, TransferResult
 from pdxfer.engine.runtime import LoopThread
-from pdxfer.errors import PdxferError, TransferAborted
+from pdxfer.errors import Backpressure, PdxferError, TransferAborted
 from pdxfer.layout.payload import Payload
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.sendq import MemoryBudget
 
 if TYPE_CHECKING:
+    from pdxfer.engine.spill import SpillCoordinator
     from pdxfer.transport.nixl import NixlSendSide
 
 log = structlog.get_logger("pdxfer.sender")
@@ -77,8 +78,14 @@ class OutboundHandle:
             raise exc if exc is not None else TransferAborted("transfer already finished", transfer_id=self.transfer_id)
         checksum = chunk_checksum(view) if self._sender.config.checksum_on_put else None
         budget = self._sender._budget
-        budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
-                       transfer_id=self.transfer_id)
+        try:
+            budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
+                           transfer_id=self.transfer_id)
+        except Backpressure as exc:
+            spill = self._sender._spill
+            if spill is not None:
+                raise spill.exhausted(exc, self.transfer_id) from None
+            raise
         try:
             self._sender._rt.call(self._sender._on_chunk, self._ctx, index, view, checksum)
         except RuntimeError:  # loop closed under us
@@ -105,10 +112,15 @@ class Sender:
         self._ids_lock = threading.Lock()
         self._live_ids: set[str] = set()
         self._nixl: "asyncio.Future[NixlSendSide] | None" = None
+        self._spill: "SpillCoordinator | None" = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Sender":
         if not self._started:
+            if self.config.spill_enabled:
+                from pdxfer.engine.spill import SpillCoordinator
+
+                self._spill = SpillCoordinator(self.config, self._budget, self._rt, self._live_transfers)
             self._rt.start()
             self._zctx = self._rt.run(self._make_ctx(), timeout=10)
             self._started = True
@@ -134,6 +146,8 @@ class Sender:
         except (concurrent.futures.TimeoutError, RuntimeError) as exc:
             log.error("sender_close_incomplete", error=repr(exc))
         self._rt.stop(timeout)
+        if self._spill is not None:
+            self._spill.close()
 
     async def _aclose(self) -> None:
         await asyncio.gather(*(lane.close() for lane in list(self._lanes.values())), return_exceptions=True)
@@ -171,6 +185,21 @@ class Sender:
         side.progress.spin_s = self.config.nixl_spin_s
         side.progress.max_sleep_s = self.config.nixl_max_sleep_s
         return side
+
+    def _live_transfers(self) -> list[OutCtx]:
+        return [ctx for lane in list(self._lanes.values()) for ctx in list(lane.transfers.values())]
+
+    def spill_usage(self) -> dict[str, int]:
+        """Bytes per tier and counters (spills, restores, demotions, evictions by cause,
+        refusals, integrity errors); all zeros without spill tiers."""
+        if self._spill is None:
+            return {}
+        return self._spill.usage()
+
+    @property
+    def spill_files(self) -> list:
+        """Spill files on disk right now (empty once every transfer has ended)."""
+        return self._spill.files() if self._spill is not None else []
 
     @property
     def budget_used(self) -> int:
@@ -220,7 +249,10 @@ class Sender:
         lane = self._lanes.get(peer)
         if lane is None or lane.state == "dead":
             assert self._zctx is not None
-            lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed, self._nixl_side)
+            spill = self._spill
+            lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed, self._nixl_side,
+                        holdings=spill.holdings if spill is not None else None,
+                        io=spill.io if spill is not None else None)
             self._lanes[peer] = lane
         return lane
 
@@ -238,6 +270,8 @@ class Sender:
         ctx.extra["lane"] = lane
         ctx.timer = loop.call_at(ctx.deadline, lane.on_deadline, ctx)
         lane.add(ctx)
+        if self._spill is not None:
+            self._spill.arm(ctx)
 
     def _on_chunk(self, ctx: OutCtx, index: int, view: memoryview, checksum: int | None) -> None:
         lane: Lane | None = ctx.extra.get("lane")
@@ -249,6 +283,9 @@ class Sender:
         except ValueError as exc:
             self._budget.release(view.nbytes)
             lane.fail(ctx, TransferAborted(str(exc), transfer_id=ctx.out.tid, peer=ctx.out.peer))
+            return
+        if self._spill is not None and self._spill.wants(ctx):
+            self._spill.spill_now(ctx, [(index, view, checksum)])
             return
         lane.chunks_ready(ctx)
 

@@ -57,9 +57,26 @@ class OutboundTransfer:
             self._next_to_queue += 1
         return out
 
-    def drop_buffers(self) -> list[Any]:
-        """Forget queued buffers (failure path); returns them so their budget is released."""
-        bufs = [b for b, _ in self._ready.values()]
+    def held_chunks(self) -> list[tuple[int, Any, int | None]]:
+        """Chunks handed over but not yet released to the wire (spill candidates)."""
+        return [(i, buf, csum) for i, (buf, csum) in self._ready.items()]
+
+    def swap_buffer(self, index: int, expected: Any, replacement: Any, checksum: int) -> bool:
+        """Replace a held chunk's buffer (a spilled copy for the original). False when the
+        chunk is no longer held as `expected` (sent or dropped meanwhile): the caller then
+        keeps ownership of `replacement`."""
+        held = self._ready.get(index)
+        if held is None or held[0] is not expected:
+            return False
+        self._ready[index] = (replacement, checksum)
+        self._checksums[index] = checksum
+        return True
+
+    def drop_buffers(self) -> list[tuple[Any, int]]:
+        """Forget held buffers (failure path); returns (buffer, nbytes) so whatever holds
+        their bytes (the memory budget or a spill tier) is released."""
+        sizes = self.payload.chunk_sizes
+        bufs = [(b, sizes[i]) for i, (b, _) in self._ready.items()]
         self._ready.clear()
         return bufs
 

@@ -60,6 +60,12 @@ class MemoryBudget:
             self._used += nbytes
             self.peak = max(self.peak, self._used)
 
+    def poke(self) -> None:
+        """Wake waiting acquirers without releasing bytes: spill-tier room came back, so
+        the spill hook may now free budget that it could not before."""
+        with self._cond:
+            self._cond.notify_all()
+
     def release(self, nbytes: int) -> None:
         with self._cond:
             if nbytes > self._used:

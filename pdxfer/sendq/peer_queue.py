@@ -8,23 +8,28 @@ queued (not yet granted) transfer never blocks a granted one behind it.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from pdxfer.protocol.outbound import OutboundTransfer
-from pdxfer.sendq.budget import MemoryBudget
 
 
 class SendItem(NamedTuple):
     transfer: OutboundTransfer
     index: int
-    buffer: Any
+    buffer: Any  # the caller's buffer, or a SpilledChunk (restored right before sending)
     checksum: int | None  # None: hash right before sending, while the bytes are cache-hot
+
+    @property
+    def nbytes(self) -> int:
+        return self.transfer.payload.chunk_sizes[self.index]
 
 
 class PeerQueue:
-    def __init__(self, budget: MemoryBudget) -> None:
-        self._budget = budget
+    def __init__(self, drop: Callable[[SendItem], None]) -> None:
+        """`drop(item)` gives back what an item holds when it will never be sent."""
+        self._drop = drop
         self._items: deque[SendItem] = deque()
         self.queued_bytes = 0
 
@@ -40,21 +45,23 @@ class PeerQueue:
         return n
 
     def pop(self) -> SendItem | None:
-        """Next item whose transfer is still live; dead transfers' items release budget."""
+        """Next item whose transfer is still live; dead transfers' items are dropped."""
         while self._items:
             item = self._items.popleft()
-            size = item.transfer.payload.chunk_sizes[item.index]
-            self.queued_bytes -= size
+            self.queued_bytes -= item.nbytes
             if item.transfer.terminal:
-                self._budget.release(size)
+                self._drop(item)
                 continue
             return item
         return None
 
+    def peek(self, n: int) -> list[SendItem]:
+        """The next `n` items (read-ahead of spilled chunks), without removing them."""
+        return list(itertools.islice(self._items, n))
+
     def drain(self) -> None:
-        """Release every queued chunk's budget (lane shutdown)."""
+        """Drop every queued item (lane shutdown)."""
         while self._items:
             item = self._items.popleft()
-            size = item.transfer.payload.chunk_sizes[item.index]
-            self.queued_bytes -= size
-            self._budget.release(size)
+            self.queued_bytes -= item.nbytes
+            self._drop(item)

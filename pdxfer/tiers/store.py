@@ -76,6 +76,23 @@ class SpillStore:
             self.counters.demotions += 1
         return True
 
+    def host_view(self, chunk: SpilledChunk, *, transfer_id: str | None = None) -> memoryview:
+        """A verified view of a host-resident chunk, to send from without copying it."""
+        from pdxfer.errors import IntegrityError
+        from pdxfer.protocol.checksum import chunk_checksum
+
+        if chunk.host is None or self.host is None:
+            raise ValueError("chunk is not in the host tier")
+        view = self.host.view(chunk.host)
+        if chunk_checksum(view) != chunk.checksum:
+            with self._lock:
+                self.counters.integrity_errors += 1
+            raise IntegrityError("host-tier chunk changed while spilled", transfer_id=transfer_id,
+                                 waiting_for="host_restore")
+        with self._lock:
+            self.counters.restores_host += 1
+        return view
+
     def read_into(self, chunk: SpilledChunk, out: memoryview, *, transfer_id: str | None = None) -> None:
         """Copy a spilled chunk into `out`, verifying disk-resident bytes."""
         from pdxfer.errors import IntegrityError
@@ -112,10 +129,10 @@ class SpillStore:
     def usage(self) -> dict[str, int]:
         c = self.counters
         return {
-            "host_bytes": self.host.used if self.host else 0,
-            "host_capacity": self.host.capacity if self.host else 0,
-            "disk_bytes": self.disk.used if self.disk else 0,
-            "disk_capacity": self.disk.capacity if self.disk else 0,
+            "host_bytes": self.host.used if self.host is not None else 0,
+            "host_capacity": self.host.capacity if self.host is not None else 0,
+            "disk_bytes": self.disk.used if self.disk is not None else 0,
+            "disk_capacity": self.disk.capacity if self.disk is not None else 0,
             "spills_host": c.spills_host, "spills_disk": c.spills_disk, "demotions": c.demotions,
             "restores_host": c.restores_host, "restores_disk": c.restores_disk,
             "refused": c.refused, "integrity_errors": c.integrity_errors,
