@@ -14,6 +14,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "pdxfer.bench.demo", "move a chunked KV payload between two processes on this host and verify it"),
     (("receiver",), "pdxfer.bench.receiver_proc", "run a standalone receiver (prints its addresses as JSON)"),
     (("bench", "transfer"), "pdxfer.bench.transfer", "throughput vs a raw-socket baseline, paired runs"),
+    (("bench", "spill"), "pdxfer.bench.spill", "streaming from the disk spill tier vs a plain sequential file read, paired"),
     (("bench", "pack"), "pdxfer.pack.bench", "pack/unpack GB/s vs copy and torch gather"),
     (("proxy",), "pdxfer.proxy.cli", "OpenAI-compatible prefill/decode routing proxy"),
 ]

@@ -40,7 +40,7 @@ from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutEvent, OutState
 from pdxfer.sendq import MemoryBudget, PeerQueue, SendItem
 from pdxfer.sendq.holdings import Holdings, is_spilled
-from pdxfer.sendq.restore import Restored, Restorer, RestorePool
+from pdxfer.sendq.restore import ReadAhead, Restored, Restorer, RestorePool
 from pdxfer.transport.control import ControlClient
 from pdxfer.transport.tcp import DataClient
 
@@ -93,7 +93,7 @@ class Lane:
         # Spilled chunks come back through here, a few ahead of the wire (sendq.restore).
         self._restorer = (Restorer(store, RestorePool(cfg.restore_buffer_bytes), io)
                           if store is not None and io is not None else None)
-        self._restores: dict[tuple[str, int], asyncio.Task[Restored]] = {}
+        self._ahead = ReadAhead(self._restorer, cfg.restore_ahead) if self._restorer is not None else None
         self.state = "connecting"
         self.transfers: dict[str, OutCtx] = {}
         self._by_cid: dict[int, OutCtx] = {}
@@ -240,13 +240,12 @@ class Lane:
     async def _restore(self, item: SendItem) -> Restored | None:
         """Bring a spilled chunk back (started earlier by read-ahead, or now) and start the
         next ones. None when its transfer failed or ended meanwhile (already released)."""
-        assert self._restorer is not None
+        assert self._ahead is not None
         t = item.transfer
-        task = self._restores.pop((t.tid, item.index), None)
-        if task is None:
-            task = self._restorer.start(item.buffer, t.tid)
-            assert task is not None
-        self._read_ahead()
+        upcoming = (((n.transfer.tid, n.index), n.buffer, n.transfer.tid)
+                    for n in self.queue.peek(self.cfg.restore_ahead)
+                    if is_spilled(n.buffer) and not n.transfer.terminal)
+        task = self._ahead.take((t.tid, item.index), item.buffer, t.tid, upcoming)
         try:
             restored = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -263,17 +262,6 @@ class Lane:
             return None
         return restored
 
-    def _read_ahead(self) -> None:
-        assert self._restorer is not None
-        for nxt in self.queue.peek(self.cfg.restore_ahead):
-            key = (nxt.transfer.tid, nxt.index)
-            if not is_spilled(nxt.buffer) or nxt.transfer.terminal or key in self._restores:
-                continue
-            task = self._restorer.start(nxt.buffer, nxt.transfer.tid, wait=False)
-            if task is None:
-                break  # pool full: the read-ahead stays a prefix of the queue, never a gap
-            self._restores[key] = task
-
     def _abandon(self, item: SendItem, task: "asyncio.Task[Restored]") -> None:
         def done(t: "asyncio.Task[Restored]") -> None:
             if not t.cancelled() and t.exception() is None and self._restorer is not None:
@@ -284,7 +272,7 @@ class Lane:
 
     def _drop_item(self, item: SendItem) -> None:
         """A queued chunk that will never be sent (its transfer ended, or the lane closed)."""
-        task = self._restores.pop((item.transfer.tid, item.index), None)
+        task = self._ahead.drop((item.transfer.tid, item.index)) if self._ahead is not None else None
         if task is not None:
             self._abandon(item, task)
         else:

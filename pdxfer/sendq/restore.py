@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Hashable, Iterable
 
 import numpy as np
 
@@ -145,3 +146,43 @@ class Restorer:
         if restored.buffer is not None:
             self.pool.release(restored.buffer)
             restored.buffer = None
+
+
+class ReadAhead:
+    """Restores keyed by chunk: the one about to be sent, plus up to `depth` of the next
+    spilled ones, started only while the pool has room. The started set is always a
+    prefix of what comes next, so the chunk at the head never waits for a buffer held by
+    a chunk behind it."""
+
+    def __init__(self, restorer: Restorer, depth: int) -> None:
+        self.restorer = restorer
+        self.depth = depth
+        self._tasks: dict[Hashable, asyncio.Task[Restored]] = {}
+
+    def take(self, key: Hashable, chunk: SpilledChunk, transfer_id: str,
+             upcoming: Iterable[tuple[Hashable, SpilledChunk, str]]) -> "asyncio.Task[Restored]":
+        """The restore of the chunk at the head (started now if it was not yet), after
+        starting read-ahead of `upcoming` (the next spilled chunks, in send order)."""
+        task = self._tasks.pop(key, None)
+        if task is None:
+            task = self.restorer.start(chunk, transfer_id)
+            assert task is not None
+        started = 0
+        for k, c, tid in upcoming:
+            if started >= self.depth:
+                break
+            started += 1
+            if k in self._tasks:
+                continue
+            t = self.restorer.start(c, tid, wait=False)
+            if t is None:
+                break
+            self._tasks[k] = t
+        return task
+
+    def drop(self, key: Hashable) -> "asyncio.Task[Restored] | None":
+        """Forget a read-ahead whose chunk will not be sent; the caller cleans up after it."""
+        return self._tasks.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
