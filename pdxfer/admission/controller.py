@@ -62,9 +62,17 @@ Event = Granted | Ended
 class AdmissionController:
     """Reserved-receive-buffer admission for one contiguous region of ``capacity`` bytes."""
 
-    def __init__(self, capacity: int, *, lease_s: float = 10.0, alignment: int = 4096, max_queue: int = 100_000) -> None:
+    def __init__(self, capacity: int, *, lease_s: float = 10.0, alignment: int = 4096, max_queue: int = 100_000,
+                 quarantine_s: float = 30.0) -> None:
         if not finite(lease_s) or lease_s <= 0:
             raise ValueError(f"lease_s must be a positive finite number, got {lease_s!r}")
+        if not finite(quarantine_s) or quarantine_s < 0:
+            raise ValueError(f"quarantine_s must be a finite number >= 0, got {quarantine_s!r}")
+        self._quarantine_s = float(quarantine_s)
+        # offset -> (transfer_id, peer, allocated bytes, until): extents held back after a one-sided
+        # reservation ended abnormally, because its sender's WRITEs may still land there.
+        self._quarantine: dict[int, tuple[str, int, float]] = {}
+        self._quarantined = 0
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
         self._alloc = ExtentAllocator(capacity, alignment)
@@ -84,13 +92,17 @@ class AdmissionController:
 
     # -- reserve ----------------------------------------------------------------
 
-    def reserve(self, transfer_id: str, peer: str, nbytes: int, *, now: float, deadline: float) -> Grant | Queued | Rejected:
-        """Grant the whole buffer now, queue behind earlier waiters, or reject with a reason."""
+    def reserve(self, transfer_id: str, peer: str, nbytes: int, *, now: float, deadline: float,
+                one_sided: bool = False) -> Grant | Queued | Rejected:
+        """Grant the whole buffer now, queue behind earlier waiters, or reject with a reason.
+
+        ``one_sided``: the sender writes into the extent itself (NIXL WRITE), so when such a
+        reservation ends abnormally while GRANTED its extent is quarantined, not reused."""
         bad = self._validate(transfer_id, peer, nbytes, now, deadline)
         if bad is not None:
             return self._reject(transfer_id, *bad)
         need = self._alloc.aligned(nbytes)
-        rec = Record(transfer_id, peer, nbytes, need, deadline)
+        rec = Record(transfer_id, peer, nbytes, need, deadline, one_sided)
         if not self._queue:
             offset = self._alloc.alloc(nbytes)
             if offset is not None:
@@ -182,13 +194,34 @@ class AdmissionController:
         self._admit(now, events)
         return events
 
-    def abort(self, transfer_id: str, reason: EndReason, *, now: float) -> list[Event]:
-        """End a reservation in any non-ended state with ``reason``; admits waiters."""
+    def abort(self, transfer_id: str, reason: EndReason, *, now: float, writes_over: bool = False) -> list[Event]:
+        """End a reservation in any non-ended state with ``reason``; admits waiters.
+
+        ``writes_over``: the sender has said none of its WRITEs can still land (its own
+        ABORT, sent after its WRITEs finished); otherwise a one-sided GRANTED extent is
+        quarantined."""
         reason = EndReason(reason)
         rec = self._require(transfer_id, "abort")
-        events: list[Event] = [self._end(rec, reason)]
+        events: list[Event] = [self._end(rec, reason, None if writes_over else now)]
         self._admit(now, events)
         return events
+
+    def settle(self, transfer_id: str, peer: str, *, now: float) -> list[Event]:
+        """The sender of an ended one-sided reservation says its WRITEs are over: its
+        quarantined extent returns to the pool now; admits waiters."""
+        events: list[Event] = []
+        for offset, (tid, owner, _, _) in list(self._quarantine.items()):
+            if tid == transfer_id and owner == peer:
+                self._unquarantine(offset)
+                self._counters["quarantine_settled"] += 1
+        self._admit(now, events)
+        return events
+
+    def _unquarantine(self, offset: int) -> None:
+        _, _, allocated, _ = self._quarantine.pop(offset)
+        freed = self._alloc.free(offset)
+        assert freed == allocated
+        self._quarantined -= allocated
 
     def _require(self, transfer_id: str, method: str) -> Record:
         rec = self._live.get(transfer_id)
@@ -206,13 +239,17 @@ class AdmissionController:
         for tid in list(self._by_peer.get(peer, ())):
             rec = self._live[tid]
             if rec.state in PEER_LOST_ENDS:
-                events.append(self._end(rec, EndReason.PEER_LOST))
+                events.append(self._end(rec, EndReason.PEER_LOST, now))
         self._admit(now, events)
         return events
 
     def tick(self, now: float) -> list[Event]:
         """Act on every deadline at or before ``now`` (in deadline order), then admit waiters."""
         events: list[Event] = []
+        for offset, (_, _, _, until) in list(self._quarantine.items()):
+            if until <= now:
+                self._unquarantine(offset)
+                self._counters["quarantine_expired"] += 1
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, seq, tid = heapq.heappop(heap)
@@ -223,25 +260,33 @@ class AdmissionController:
             reason = EXPIRY_REASON[rec.state]
             if rec.state is G and rec.deadline <= rec.lease_deadline:  # type: ignore[operator]
                 reason = EndReason.DEADLINE
-            events.append(self._end(rec, reason))
+            events.append(self._end(rec, reason, now))
         self._admit(now, events)
         return events
 
     def next_deadline(self) -> float | None:
-        """Earliest time at which ``tick`` would end something; None if nothing is pending."""
+        """Earliest time at which ``tick`` would end or free something; None if nothing is pending."""
         heap = self._heap
+        first: float | None = None
         while heap:
             _, seq, tid = heap[0]
             rec = self._live.get(tid)
             if rec is not None and rec.armed == seq:
-                return heap[0][0]
+                first = heap[0][0]
+                break
             heapq.heappop(heap)
-        return None
+        if self._quarantine:
+            q = min(until for _, _, _, until in self._quarantine.values())
+            first = q if first is None else min(first, q)
+        return first
 
     def shutdown(self, *, now: float) -> list[Ended]:
         """End everything (SHUTDOWN) in creation order; later reserves are refused."""
         self._shut = True
-        return [self._end(rec, EndReason.SHUTDOWN) for rec in list(self._live.values())]
+        ended = [self._end(rec, EndReason.SHUTDOWN) for rec in list(self._live.values())]
+        for offset in list(self._quarantine):  # the region itself goes away: nothing to protect
+            self._unquarantine(offset)
+        return ended
 
     def get(self, transfer_id: str) -> ReservationView | None:
         rec = self._live.get(transfer_id)
@@ -259,6 +304,8 @@ class AdmissionController:
             delivered_count=self._delivered,
             reservations=tuple(r.view() for r in self._live.values()),
             counters=dict(self._counters),
+            quarantined_bytes=self._quarantined,
+            quarantined_count=len(self._quarantine),
         )
 
     # -- internals -----------------------------------------------------------------
@@ -293,17 +340,29 @@ class AdmissionController:
             self._waiting_bytes -= rec.allocated
             events.append(Granted(self._grant(rec, offset, now)))
 
-    def _end(self, rec: Record, reason: EndReason) -> Ended:
-        """The one place a reservation ends: returns bytes, forgets the record, counts it."""
+    def _end(self, rec: Record, reason: EndReason, quarantine_from: float | None = None) -> Ended:
+        """The one place a reservation ends: returns bytes, forgets the record, counts it.
+
+        A one-sided GRANTED reservation ending abnormally (``quarantine_from`` is the time)
+        keeps its extent out of the pool until settled or ``quarantine_s`` later."""
         state = rec.state
         freed = 0
+        quarantined = False
         if state is Q:
             del self._queue[rec.transfer_id]
             self._waiting_bytes -= rec.allocated
         else:
             assert rec.offset is not None
-            freed = self._alloc.free(rec.offset)
-            self._reserved -= freed
+            if state is G and rec.one_sided and quarantine_from is not None and reason is not EndReason.SHUTDOWN:
+                self._quarantine[rec.offset] = (rec.transfer_id, rec.peer, rec.allocated,
+                                                quarantine_from + self._quarantine_s)
+                self._quarantined += rec.allocated
+                self._reserved -= rec.allocated
+                self._counters["quarantined_total"] += 1
+                quarantined = True
+            else:
+                freed = self._alloc.free(rec.offset)
+                self._reserved -= freed
             if state is G:
                 self._granted -= 1
             else:
@@ -317,7 +376,7 @@ class AdmissionController:
         rec.armed = None
         self._counters["ended_total"] += 1
         self._counters[f"ended_{reason.value}"] += 1
-        return Ended(rec.transfer_id, rec.peer, reason, state, freed)
+        return Ended(rec.transfer_id, rec.peer, reason, state, freed, quarantined)
 
     def _arm(self, rec: Record) -> None:
         """Point the record's single valid heap entry at its current due time (or none)."""
@@ -353,8 +412,12 @@ class AdmissionController:
         holding = [r for r in self._live.values() if r.state in (G, D)]
         check(self._reserved == sum(r.allocated for r in holding), "reserved_bytes != sum of allocated")
         check(self._reserved <= a.capacity, f"reserved {self._reserved} > capacity {a.capacity}")
-        check(a.free_bytes + self._reserved == a.capacity, "allocator free + reserved != capacity")
-        check(a.allocations() == {r.offset: r.allocated for r in holding}, "allocator map != live extents")
+        check(self._quarantined == sum(n for _, _, n, _ in self._quarantine.values()), "quarantined != sum of extents")
+        check(a.free_bytes + self._reserved + self._quarantined == a.capacity,
+              "allocator free + reserved + quarantined != capacity")
+        extents = {r.offset: r.allocated for r in holding}
+        extents.update({off: n for off, (_, _, n, _) in self._quarantine.items()})
+        check(a.allocations() == extents, "allocator map != live + quarantined extents")
         for r in holding:
             assert r.offset is not None
             check(0 <= r.offset and r.offset + r.allocated <= a.capacity, f"{r.transfer_id} outside region")

@@ -130,7 +130,8 @@ class Ended:
     peer: str
     reason: EndReason
     state: ReservationState  # the state it ended from
-    nbytes_freed: int  # allocated bytes returned to the pool; 0 for a queued one
+    nbytes_freed: int  # allocated bytes returned to the pool; 0 for a queued or quarantined one
+    quarantined: bool = False  # its extent stays out of the pool until settled or timed out
 
 
 # -- read-only views ------------------------------------------------------------------
@@ -171,6 +172,10 @@ class Ledger:
     delivered_count: int
     reservations: tuple[ReservationView, ...]
     counters: dict[str, int] = field(default_factory=dict)
+    # Extents of ended one-sided (NIXL) reservations that a late WRITE could still land in:
+    # out of the pool until the sender says its WRITEs are over, or the quarantine times out.
+    quarantined_bytes: int = 0
+    quarantined_count: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (enums as their values)."""
@@ -185,12 +190,15 @@ class Ledger:
             "delivered_count": self.delivered_count,
             "reservations": [r.to_dict() for r in self.reservations],
             "counters": dict(self.counters),
+            "quarantined_bytes": self.quarantined_bytes,
+            "quarantined_count": self.quarantined_count,
         }
 
 
 def zero_counters() -> dict[str, int]:
     """Every counter key present from the start, so metrics see a stable set of series."""
-    c = {"granted_total": 0, "queued_total": 0, "rejected_total": 0, "ended_total": 0}
+    c = {"granted_total": 0, "queued_total": 0, "rejected_total": 0, "ended_total": 0,
+         "quarantined_total": 0, "quarantine_settled": 0, "quarantine_expired": 0}
     c.update({f"rejected_{r.value}": 0 for r in RejectReason})
     c.update({f"ended_{r.value}": 0 for r in EndReason})
     return c
@@ -201,10 +209,12 @@ class Record:
 
     __slots__ = (
         "transfer_id", "peer", "nbytes", "allocated", "state", "offset",
-        "lease_deadline", "deadline", "claim_deadline", "claimed", "armed", "armed_at",
+        "lease_deadline", "deadline", "claim_deadline", "claimed", "armed", "armed_at", "one_sided",
     )
 
-    def __init__(self, transfer_id: str, peer: str, nbytes: int, allocated: int, deadline: float) -> None:
+    def __init__(self, transfer_id: str, peer: str, nbytes: int, allocated: int, deadline: float,
+                 one_sided: bool = False) -> None:
+        self.one_sided = one_sided  # the sender WRITEs into the extent itself (NIXL)
         self.transfer_id = transfer_id
         self.peer = peer
         self.nbytes = nbytes

@@ -93,10 +93,17 @@ class ReceiverConfig:
     nixl_spin_s: float = 0.0
     nixl_max_sleep_s: float = 1e-3
     nixl_peer_idle_s: float = 300.0  # forget a NIXL peer silent this long with nothing reserved
+    # A NIXL sender WRITEs into its extent itself, so when a granted NIXL transfer ends
+    # abnormally (lease, deadline, peer lost, failed check) a late WRITE could still land
+    # there: the extent is kept out of the pool until the sender says its WRITEs are over
+    # (its ABORT, sent once they finished) or for this long.
+    nixl_quarantine_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ValueError(f"ReceiverConfig.capacity must be > 0, got {self.capacity}")
+        if self.nixl_quarantine_s < 0:
+            raise ValueError(f"ReceiverConfig.nixl_quarantine_s must be >= 0, got {self.nixl_quarantine_s}")
         for name in ("lease_s", "claim_timeout_s", "nixl_setup_timeout_s", "nixl_max_sleep_s", "nixl_peer_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ReceiverConfig.{name} must be > 0, got {getattr(self, name)}")

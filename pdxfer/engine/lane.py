@@ -221,14 +221,24 @@ class Lane:
                 ctx = self.transfers[t.tid]  # pop() skips ended transfers, so it is still live
                 fut = self.data.send_chunk(tid=t.tid, slot=t.slot, index=item.index, offset=offset,  # type: ignore[arg-type]
                                            payload=payload, checksum=checksum, base_addr=ctx.extra["addr"])
-                fut.add_done_callback(functools.partial(self._write_done, item=item, restored=restored))
+                ctx.extra["writes"] = ctx.extra.get("writes", 0) + 1
+                fut.add_done_callback(functools.partial(self._write_done, item=item, restored=restored, ctx=ctx))
             self._chunk_sent(t)
 
-    def _write_done(self, fut: asyncio.Future, *, item: SendItem, restored: Restored | None) -> None:
+    def _write_done(self, fut: asyncio.Future, *, item: SendItem, restored: Restored | None, ctx: OutCtx) -> None:
         """A NIXL WRITE finished: what the chunk held goes back now, whatever the outcome."""
         self._sent(item, restored)
         if not fut.cancelled():
             fut.exception()  # failures end the lane through the data client's `closed` future
+        ctx.extra["writes"] -= 1
+        if ctx.extra["writes"] == 0 and "abort_when_quiet" in ctx.extra:
+            self._send_abort(ctx, ctx.extra.pop("abort_when_quiet"))
+
+    def _send_abort(self, ctx: OutCtx, reason: str) -> None:
+        """ABORT tells the receiver that no WRITE of ours can land any more (NIXL): it frees
+        the transfer's extent at once instead of quarantining it."""
+        if self.state == "ready":
+            self.control.send(m.Abort(cid=ctx.out.cid or 0, tid=ctx.out.tid, reason=reason))
 
     def _sent(self, item: SendItem, restored: Restored | None) -> None:
         """The chunk's bytes left (or never will): give back its budget or tier space and
@@ -423,10 +433,16 @@ class Lane:
         self._forget(ctx)
         for buf, nbytes in out.drop_buffers():
             self.holdings.release(buf, nbytes)
+        wrote = self.backend == "nixl" and was in (OutState.GRANTED, OutState.COMMITTING)
         if notify_peer and was == OutState.WAITING_PEER and self.state == "connecting":
             self._early_aborts.append((out.tid, type(err).__name__))
-        elif notify_peer and self.state == "ready":
-            self.control.send(m.Abort(cid=out.cid or 0, tid=out.tid, reason=type(err).__name__))
+        elif (notify_peer or wrote) and self.state == "ready":
+            # NIXL: only once our WRITEs into its range are over, so the receiver may reuse
+            # the range at once; sent even when the receiver ended it (it quarantined it).
+            if ctx.extra.get("writes", 0) > 0:
+                ctx.extra["abort_when_quiet"] = type(err).__name__
+            else:
+                self._send_abort(ctx, type(err).__name__)
         ctx.log.warning("transfer_failed", state=was.value, error=str(err))
         if not ctx.future.done():
             ctx.future.set_exception(err)

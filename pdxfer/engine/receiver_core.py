@@ -72,7 +72,7 @@ class ReceiverCore:
         self.cfg = cfg
         self.region = region
         self.admission = AdmissionController(cfg.capacity, lease_s=cfg.lease_s, alignment=cfg.alignment,
-                                             max_queue=cfg.max_queue)
+                                             max_queue=cfg.max_queue, quarantine_s=cfg.nixl_quarantine_s)
         self._make_received = make_received
         self.loop = asyncio.get_running_loop()
         self.peers: dict[str, PeerInfo] = {}  # key: control identity (decoded)
@@ -118,10 +118,14 @@ class ReceiverCore:
         elif isinstance(msg, m.Commit):
             self._on_commit(identity, msg)
         elif isinstance(msg, m.Abort):
+            # A sender's ABORT comes after its last WRITE finished (NIXL), so nothing of it
+            # can land any more: no quarantine, and a quarantined extent is settled.
             if self.admission.get(msg.tid) is not None:
                 if self._owner(msg.tid) == key:
-                    self._handle(self.admission.abort(msg.tid, EndReason.ABORTED, now=now))
-            elif msg.tid not in self.failures:
+                    self._handle(self.admission.abort(msg.tid, EndReason.ABORTED, now=now, writes_over=True))
+            elif msg.tid in self.failures:
+                self._handle(self.admission.settle(msg.tid, key, now=now))
+            else:
                 # Aborted before its RESERVE was sent: wake whoever waits for it now,
                 # rather than at their own timeout.
                 self._remember(msg.tid, TransferAborted(f"sender aborted before reserving: {msg.reason}",
@@ -158,7 +162,9 @@ class ReceiverCore:
 
     def _on_reserve(self, identity: bytes, key: str, msg: m.Reserve, now: float) -> None:
         payload = Payload(tuple(msg.chunk_sizes))
-        res = self.admission.reserve(msg.tid, key, payload.total_bytes, now=now, deadline=now + msg.deadline_ms / 1000)
+        peer = self.peers.get(key)
+        res = self.admission.reserve(msg.tid, key, payload.total_bytes, now=now, deadline=now + msg.deadline_ms / 1000,
+                                     one_sided=peer is not None and peer.nixl_agent is not None)
         self.failures.pop(msg.tid, None)
         if isinstance(res, Rejected):
             log.info("reserve_rejected", transfer_id=msg.tid, peer=key, reason=res.reason.value, detail=res.detail)

@@ -56,7 +56,11 @@ class RawPeer:
 
 
 def test_silent_sender_lease_expires_and_waiter_is_admitted(make_receiver, make_sender, backend):
-    r = make_receiver(capacity=1 << 20, lease_s=0.4)
+    """TCP: the expired extent is reused at once (late bytes of the silent sender can only
+    arrive on its own connection, which resolves them to nothing). NIXL: the silent sender
+    could still WRITE into its extent, so the extent is quarantined until the sender says
+    its WRITEs are over (its ABORT) or the quarantine times out."""
+    r = make_receiver(capacity=1 << 20, lease_s=0.4, nixl_quarantine_s=60.0)
     peer = RawPeer(r.control_address)
     data = None
     try:
@@ -74,17 +78,44 @@ def test_silent_sender_lease_expires_and_waiter_is_admitted(make_receiver, make_
         # The whole pool is now held by a sender that will never send a byte.
         s = make_sender(backend=backend)
         fut = s.submit(r.control_address, "patient", [b"p" * 4096], deadline_s=20)
+        failed = peer.recv(5)  # the receiver tells the silent sender why it lost its room
+        assert isinstance(failed, m.Failed) and failed.error == "lease_expired" and failed.tid == "silent-1"
+        if backend == "nixl":
+            led = r.ledger()
+            assert led.quarantined_bytes == 1 << 20 and led.counters["quarantined_total"] == 1
+            assert led.waiting_count == 1 and not fut.done()  # not granted over a range that may still be written
+            peer.sock.send(m.encode(m.Abort(cid=2, tid="silent-1", reason="writes_over")))
         with r.wait("patient", timeout=15) as got:
             assert bytes(got.view) == b"p" * 4096
         fut.result(10)
-        failed = peer.recv(5)  # the receiver tells the silent sender why it lost its room
-        assert isinstance(failed, m.Failed) and failed.error == "lease_expired" and failed.tid == "silent-1"
         led = r.ledger()
         assert led.counters["ended_lease_expired"] == 1
-        _eventually(lambda: r.ledger().reserved_bytes == 0)
+        assert led.counters["quarantine_settled"] == (1 if backend == "nixl" else 0)
+        _eventually(lambda: r.ledger().reserved_bytes == 0 and r.ledger().quarantined_bytes == 0)
     finally:
         if data is not None:
             data.close()
+        peer.close()
+
+
+def test_nixl_quarantine_times_out_without_the_senders_word(make_receiver, make_sender):
+    pytest.importorskip("nixl")
+    r = make_receiver(capacity=1 << 20, lease_s=0.3, nixl_quarantine_s=0.5)
+    peer = RawPeer(r.control_address)
+    try:
+        ok = peer.request(m.Hello(cid=1, sender_id="silent", capabilities=["nixl"], nixl_agent="silent-agent"), 30)
+        assert isinstance(ok, m.HelloOk)
+        assert isinstance(peer.request(m.Reserve(cid=2, tid="q-1", total_bytes=1 << 20, chunk_sizes=[1 << 20],
+                                                 deadline_ms=60_000)), m.Grant)
+        s = make_sender()
+        fut = s.submit(r.control_address, "after-quarantine", [b"q" * 4096], deadline_s=20)
+        with r.wait("after-quarantine", timeout=15):
+            pass
+        fut.result(10)
+        led = r.ledger()
+        assert led.counters["quarantined_total"] == 1 and led.counters["quarantine_expired"] == 1
+        assert led.quarantined_bytes == 0
+    finally:
         peer.close()
 
 
@@ -188,3 +219,26 @@ def test_one_gib_between_two_processes_every_byte_verified(receiver_proc, make_s
     assert final["stats"]["verified"] == n and final["stats"]["bytes"] == 1 << 30
     assert final["ledger"]["reserved_bytes"] == 0
     _eventually(lambda: s.budget_used == 0)  # NIXL: the last WRITEs' completions may trail DONE
+
+
+def test_nixl_sender_abort_after_its_writes_frees_the_range_without_waiting_out_the_quarantine(make_receiver, make_sender):
+    """A NIXL transfer that times out half-written: the sender's ABORT (sent once its
+    WRITEs completed) settles the receiver's quarantine long before it would expire."""
+    pytest.importorskip("nixl")
+    from pdxfer.errors import TransferTimeout
+
+    r = make_receiver(capacity=8 << 20, nixl_quarantine_s=60.0)
+    s = make_sender(backend="nixl")
+    h = s.open(r.control_address, "half", Payload.uniform(4 << 20, 1 << 20), deadline_s=2.0)
+    chunk = np.ones(1 << 20, dtype=np.uint8)
+    h.put(0, chunk)
+    h.put(1, chunk)
+    with pytest.raises(TransferTimeout):
+        h.future.result(15)
+    _eventually(lambda: r.ledger().reserved_bytes == 0 and r.ledger().quarantined_bytes == 0, 10)
+    led = r.ledger()
+    assert led.counters["quarantine_expired"] == 0  # the sender's word, not the timeout, freed it
+    # and the receiver serves the next transfer into that range
+    s.submit(r.control_address, "next", [np.full(1 << 20, 7, dtype=np.uint8)]).result(15)
+    with r.wait("next", 5) as got:
+        assert bytes(got.view[:4]) == b"\x07" * 4
