@@ -198,7 +198,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
             try:
                 await sink.response.write(error_event(err))
             except ConnectionError:
-                pass
+                pass  # the client is gone too: nobody is left to tell, and the error is logged above
             return sink.response
         return error_response(err, rid)
     finally:

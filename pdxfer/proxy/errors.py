@@ -115,7 +115,7 @@ class UpstreamHTTPError(UpstreamError):
                 if isinstance(data, dict) and isinstance(data.get("error"), dict):
                     return data
             except ValueError:
-                pass
+                pass  # not JSON: fall back to our own error body, which names the upstream status
         return super().body()
 
 
