@@ -59,7 +59,7 @@ class ReceivedTransfer:
             return
         self._released = True
         self._view = None
-        self._receiver._rt.call(self._receiver._core_release, self.transfer_id)
+        self._receiver._rt.call(self._receiver._core_release, self.transfer_id, self)
 
     def _invalidate(self) -> None:
         self._released = True
@@ -140,9 +140,9 @@ class Receiver:
     def _make_received(self, tid: str, peer: str, payload: Payload, view: memoryview) -> ReceivedTransfer:
         return ReceivedTransfer(self, tid, peer, payload, view)
 
-    def _core_release(self, tid: str) -> None:
+    def _core_release(self, tid: str, received: ReceivedTransfer) -> None:
         if self._core is not None:
-            self._core.release(tid)
+            self._core.release(tid, received)
 
     def __enter__(self) -> "Receiver":
         return self.start()

@@ -83,6 +83,7 @@ class ReceiverCore:
         self._reply_to: dict[str, tuple[bytes, int]] = {}
         self._next_slot = 1
         self.delivered: dict[str, Any] = {}  # tid -> ReceivedTransfer not yet claimed
+        self.handed: dict[str, Any] = {}  # tid -> ReceivedTransfer claimed by a consumer, not yet released
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.failures: OrderedDict[str, PdxferError] = OrderedDict()
         self.on_transfer: Callable[[Any], None] | None = None
@@ -279,6 +280,7 @@ class ReceiverCore:
         live = [w for w in waiters if not w.done()]
         if live or self.on_transfer is not None:
             self.admission.claim(t.tid)
+            self.handed[t.tid] = received
             for w in live:
                 w.set_result(received)
             if not live and self.on_transfer is not None:
@@ -327,9 +329,10 @@ class ReceiverCore:
         if slot is not None:
             self.inbound[slot].fail()
         self._drop_inbound(tid)
-        received = self.delivered.pop(tid, None)
-        if received is not None:
-            received._invalidate()
+        for table in (self.delivered, self.handed):
+            received = table.pop(tid, None)
+            if received is not None:
+                received._invalidate()
         reply = self._reply_to.pop(tid, None)
         if ev.reason == EndReason.RELEASED:
             return
@@ -350,6 +353,7 @@ class ReceiverCore:
         received = self.delivered.pop(tid, None)
         if received is not None:
             self.admission.claim(tid)
+            self.handed[tid] = received
             fut.set_result(received)
         elif tid in self.failures:
             fut.set_exception(self.failures[tid])
@@ -357,10 +361,16 @@ class ReceiverCore:
             self.waiters.setdefault(tid, []).append(fut)
         return fut
 
-    def release(self, tid: str) -> None:
+    def release(self, tid: str, received: Any = None) -> None:
+        """The consumer is done with `received`. Only that very handle releases: if its
+        reservation already ended (shutdown, abort) and the id was reused since, a late
+        release must not free the new transfer's buffer."""
+        if received is not None and self.handed.get(tid) is not received:
+            return
+        self.handed.pop(tid, None)
         view = self.admission.get(tid)
         if view is None:
-            return  # already ended (shutdown, claim timeout): releasing twice is harmless
+            return  # already ended: releasing twice is harmless
         self._handle(self.admission.release(tid, now=self.loop.time()))
         self._schedule()
 

@@ -159,3 +159,19 @@ def test_abort_before_reserve_wakes_the_decode_side_waiter(make_receiver, make_s
     assert info.value.transfer_id == "early-abort"
     with pytest.raises(TransferAborted):
         h.future.result(5)
+
+
+def test_only_the_handle_that_claimed_a_transfer_releases_it(make_receiver, make_sender):
+    """A stale handle for the same id (its reservation ended, the id was reused) must not
+    free the current transfer's buffer while its consumer still reads it."""
+    from pdxfer.engine.receiver import ReceivedTransfer
+
+    r, s = make_receiver(), make_sender()
+    s.submit(r.control_address, "reused", [b"n" * 8192]).result(10)
+    got = r.wait("reused", 5)
+    stale = ReceivedTransfer(r, "reused", "someone", got.payload, memoryview(bytearray(8192)))
+    stale.release()
+    time.sleep(0.1)  # give the loop time to (wrongly) act on it
+    assert r.ledger().reserved_bytes > 0 and bytes(got.view[:1]) == b"n"
+    got.release()
+    _eventually(lambda: r.ledger().reserved_bytes == 0)
