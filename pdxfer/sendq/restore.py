@@ -113,10 +113,10 @@ class Restorer:
         loop = asyncio.get_running_loop()
         if chunk.host is not None:
             return loop.create_task(self._host(loop, chunk, transfer_id))
-        if wait:
-            return loop.create_task(self._disk(loop, chunk, transfer_id, None))
+        # Take the buffer now, not when the task first runs: read-ahead started right after
+        # this call must not grab the room the head of the queue needs (deadlock).
         buf = self.pool.try_acquire(chunk.nbytes)
-        if buf is None:
+        if buf is None and not wait:
             return None
         return loop.create_task(self._disk(loop, chunk, transfer_id, buf))
 

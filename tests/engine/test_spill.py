@@ -53,8 +53,9 @@ def _assert_clean(sender) -> None:
 
 def test_budget_pressure_spills_to_host_then_disk_and_every_byte_arrives(make_receiver, make_sender, backend, tmp_path):
     rx = make_receiver(capacity=16 * MiB)
+    # A read-back pool of exactly restore_ahead chunks: the tightest that must still stream.
     tx = make_sender(backend=backend, memory_budget=4 * MiB, spill_host_bytes=4 * MiB,
-                     spill_disk_bytes=64 * MiB, spill_dir=str(tmp_path))
+                     spill_disk_bytes=64 * MiB, spill_dir=str(tmp_path), restore_buffer_bytes=4 * MiB, restore_ahead=4)
     _fill_receiver(tx, rx)
     _eventually(lambda: tx.budget_used == 0)
     peak_before = tx.budget.peak

@@ -143,3 +143,28 @@ def test_holdings_release_goes_to_budget_or_tier(store):
     chunk = store.spill(d, chunk_checksum(d))
     h.release(chunk, chunk.nbytes)
     assert store.usage()["host_bytes"] == 0 and budget.used == 0
+
+
+def test_read_ahead_never_starves_the_head_when_the_pool_fits_exactly_depth_chunks(tmp_path):
+    """Pool = depth x chunk: the read-aheads fill it, and the head (started first) must
+    already hold its buffer, or the stream deadlocks."""
+    from pdxfer.sendq.restore import ReadAhead
+
+    store = SpillStore(None, DiskTier(tmp_path, 64 << 20))
+    data = [_data(1 << 20, 10 + i) for i in range(12)]
+    chunks = [store.spill(d, chunk_checksum(d)) for d in data]
+    io = concurrent.futures.ThreadPoolExecutor(2)
+
+    async def main() -> None:
+        restorer = Restorer(store, RestorePool(4 << 20), io)
+        reader = ReadAhead(restorer, 4)
+        for i, c in enumerate(chunks):
+            upcoming = ((j, chunks[j], "t") for j in range(i + 1, min(len(chunks), i + 5)))
+            got = await asyncio.wait_for(reader.take(i, c, "t", upcoming), 10)
+            assert bytes(got.view) == bytes(data[i])
+            restorer.done_with(got)
+        assert len(reader) == 0 and restorer.pool._out == 0
+
+    asyncio.run(main())
+    io.shutdown()
+    store.close()
