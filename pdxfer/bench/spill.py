@@ -39,6 +39,7 @@ from pdxfer.tiers import DiskTier, SpilledChunk, SpillStore
 from pdxfer.units import format_size, parse_size
 
 _READ_BLOCK = 8 << 20
+_CHUNK_TIMEOUT_S = 60.0  # a bench never hangs: one chunk's read-back this slow is a failure
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,7 +81,10 @@ async def _stream(store: SpillStore, chunks: list[SpilledChunk], io: concurrent.
     t0 = time.perf_counter()
     for i, chunk in enumerate(chunks):
         upcoming = ((j, chunks[j], "bench") for j in range(i + 1, min(len(chunks), i + 1 + ahead)))
-        restored = await reader.take(i, chunk, "bench", upcoming)
+        try:
+            restored = await asyncio.wait_for(reader.take(i, chunk, "bench", upcoming), _CHUNK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise SystemExit(f"chunk {i} was not read back within {_CHUNK_TIMEOUT_S}s") from None
         restorer.done_with(restored)  # "sent": the buffer goes back for the next read
     return time.perf_counter() - t0
 
