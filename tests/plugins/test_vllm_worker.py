@@ -163,3 +163,16 @@ def test_aborted_stream_fails_the_decode(pair: Any) -> None:
     assert time.monotonic() - t0 < 2  # the abort reaches the decode, no waiting for its timeout
     assert wait_for(lambda: p.stats()["in_flight"] == 0)
     assert wait_for(lambda: d.stats()["receiver"]["reserved_bytes"] == 0)
+
+
+def test_spill_settings_reach_the_prefill_sender(tmp_path) -> None:
+    w = WorkerSide(PluginConfig(side_port=free_port(), spill_host_bytes=1 << 20, spill_disk_bytes=4 << 20,
+                                spill_dir=str(tmp_path)), producer=True, consumer=False)
+    w.register(caches(1), kv_config())
+    try:
+        spill = w.stats()["sender_spill"]
+        assert spill["host_capacity"] == 1 << 20 and spill["disk_capacity"] == 4 << 20
+        assert any(p.name.startswith("pdxfer-spill-") for p in tmp_path.iterdir())
+    finally:
+        w.shutdown()
+    assert not any(tmp_path.iterdir())  # shutdown removed the spill directory

@@ -100,6 +100,12 @@ class PluginConfig:
     recv_timeout_s: float = 60.0  # decode: whole receive, ask to unpack-ready
     handshake_timeout_s: float = 5.0  # decode -> prefill "push" request round trip
     decode_receivers: Mapping[str, str] = field(default_factory=dict)  # concurrent: URL -> address
+    # Prefill: packed KV of requests whose decode has no room yet leaves `sender_memory`
+    # for host memory, then files under spill_dir (SenderConfig's spill settings).
+    spill_host_bytes: int = 0
+    spill_disk_bytes: int = 0
+    spill_dir: str | None = None
+    spill_after_s: float | None = None
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, *, kv_ip: str | None = None,
@@ -119,4 +125,6 @@ class PluginConfig:
                 raise ValueError(f"{name} must be > 0")
         if cfg.receiver_capacity <= 0 or cfg.sender_memory <= 0:
             raise ValueError("receiver_capacity and sender_memory must be > 0")
+        if cfg.spill_host_bytes < 0 or cfg.spill_disk_bytes < 0:
+            raise ValueError("spill_host_bytes and spill_disk_bytes must be >= 0")
         return cfg

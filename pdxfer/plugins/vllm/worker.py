@@ -86,8 +86,10 @@ class WorkerSide(StreamingMixin):
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdxfer-vllm")
         self._zctx = zmq.Context()
         if self.producer:
-            self.sender = Sender(SenderConfig(memory_budget=self.cfg.sender_memory,
-                                              deadline_s=self.cfg.recv_timeout_s)).start()
+            self.sender = Sender(SenderConfig(memory_budget=self.cfg.sender_memory, deadline_s=self.cfg.recv_timeout_s,
+                                              spill_host_bytes=self.cfg.spill_host_bytes,
+                                              spill_disk_bytes=self.cfg.spill_disk_bytes, spill_dir=self.cfg.spill_dir,
+                                              spill_after_s=self.cfg.spill_after_s)).start()
         if self.consumer:
             self.receiver = Receiver(ReceiverConfig(capacity=self.cfg.receiver_capacity, host=self.cfg.receiver_host,
                                                     control_port=self.cfg.receiver_port)).start()
@@ -352,9 +354,11 @@ class WorkerSide(StreamingMixin):
                                "counters": dict(self.counters)}
         if self.sender is not None:
             out["sender_budget_used"] = self.sender.budget_used
+            out["sender_spill"] = self.sender.spill_usage()
         if self.receiver is not None:
             led = self.receiver.ledger()
-            out["receiver"] = {"reserved_bytes": led.reserved_bytes, "waiting_count": led.waiting_count,
+            out["receiver"] = {"capacity": led.capacity, "reserved_bytes": led.reserved_bytes,
+                               "waiting_count": led.waiting_count,
                                "granted_count": led.granted_count, "delivered_count": led.delivered_count,
                                "address": self.receiver.control_address}
         return out
