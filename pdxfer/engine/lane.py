@@ -208,6 +208,8 @@ class Lane:
                 checksum = chunk_checksum(payload)
                 t.record_checksum(item.index, checksum)
             if isinstance(self.data, DataClient):
+                if t.sent_chunks + 1 == t.payload.chunk_count:
+                    self._commit(t)  # its trip overlaps the last chunk's bytes: the receiver takes either order
                 try:
                     await self.data.send_chunk(t.slot, item.index, offset, payload, checksum)  # type: ignore[arg-type]
                 finally:
@@ -290,7 +292,11 @@ class Lane:
 
     def _chunk_sent(self, t: OutboundTransfer) -> None:
         t.sent_chunks += 1
-        if t.all_sent and not t.terminal:
+        if t.all_sent:
+            self._commit(t)
+
+    def _commit(self, t: OutboundTransfer) -> None:
+        if t.state is OutState.GRANTED:  # not yet committed, not ended
             t.on(OutEvent.SEND_COMMIT)
             self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
 
@@ -393,8 +399,14 @@ class Lane:
                 reason = RejectReason(msg.reason)
             except ValueError:
                 reason = RejectReason.BAD_REQUEST
-            self.fail(ctx, AdmissionRejected(f"receiver rejected: {msg.detail}", reason=reason,
-                                             transfer_id=out.tid, peer=self.address), notify_peer=False)
+            err: PdxferError
+            if reason is RejectReason.QUEUE_TIMEOUT:  # our own deadline, which the receiver saw pass first
+                err = TransferTimeout(f"deadline passed in state {out.state.value} (receiver: {msg.detail})",
+                                      transfer_id=out.tid, peer=self.address, waiting_for=out.state.value)
+            else:
+                err = AdmissionRejected(f"receiver rejected: {msg.detail}", reason=reason,
+                                        transfer_id=out.tid, peer=self.address)
+            self.fail(ctx, err, notify_peer=False)
         elif isinstance(msg, m.Done):
             out.on(OutEvent.RECV_DONE)
             self._finish(ctx)
