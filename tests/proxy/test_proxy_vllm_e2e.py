@@ -214,7 +214,12 @@ async def test_client_disconnect_frees_the_decode_worker(
         assert r.status == 200
         for _ in range(5):
             await r.content.readline()
-        assert await _running(s, d) == 1
+        # vLLM publishes its gauges asynchronously (per engine step batch): under load the
+        # first tokens can reach us before the gauge says the request runs.
+        deadline = time.monotonic() + 15
+        while await _running(s, d) != 1:
+            assert time.monotonic() < deadline, "the decode worker never reported the request running"
+            await asyncio.sleep(0.05)
         r.close()  # the client goes away mid-stream
         deadline = time.monotonic() + 15
         while await _running(s, d) != 0:
