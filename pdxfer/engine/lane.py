@@ -91,7 +91,7 @@ class Lane:
         self.holdings = holdings if holdings is not None else Holdings(budget)
         store = self.holdings.store
         # Spilled chunks come back through here, a few ahead of the wire (sendq.restore).
-        self._restorer = (Restorer(store, RestorePool(cfg.restore_buffer_bytes), io)
+        self._restorer = (Restorer(store, RestorePool(cfg.restore_buffer_bytes), io, wait_timeout_s=cfg.deadline_s)
                           if store is not None and io is not None else None)
         self._ahead = ReadAhead(self._restorer, cfg.restore_ahead) if self._restorer is not None else None
         self.state = "connecting"
@@ -263,7 +263,7 @@ class Lane:
         except asyncio.CancelledError:
             self._abandon(item, task)  # lane closing: give back once the read has stopped
             raise
-        except IntegrityError as exc:
+        except PdxferError as exc:  # damaged spill copy, or no read-back buffer in time
             self.holdings.release(item.buffer, item.nbytes)
             ctx = self.transfers.get(t.tid)
             if ctx is not None:

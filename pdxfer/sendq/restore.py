@@ -18,6 +18,7 @@ from typing import Hashable, Iterable
 
 import numpy as np
 
+from pdxfer.errors import TransferTimeout
 from pdxfer.tiers.store import SpilledChunk, SpillStore
 
 
@@ -66,8 +67,10 @@ class RestorePool:
             if not self._free[size]:
                 del self._free[size]
 
-    async def acquire(self, nbytes: int) -> np.ndarray:
-        """Wait (event-driven) for room; the caller bounds the wait with its deadline."""
+    async def acquire(self, nbytes: int, timeout: float) -> np.ndarray:
+        """Wait (event-driven, at most `timeout` seconds) for room."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             buf = self.try_acquire(nbytes)
             if buf is not None:
@@ -75,7 +78,11 @@ class RestorePool:
             if self._changed is None:
                 self._changed = asyncio.Event()
             self._changed.clear()
-            await self._changed.wait()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise TransferTimeout(f"no read-back buffer of {nbytes} bytes within {timeout:.1f}s",
+                                      waiting_for="restore_buffer") from None
 
     def release(self, buf: np.ndarray) -> None:
         n = buf.nbytes
@@ -102,10 +109,12 @@ class Restored:
 
 
 class Restorer:
-    def __init__(self, store: SpillStore, pool: RestorePool, io: concurrent.futures.Executor) -> None:
+    def __init__(self, store: SpillStore, pool: RestorePool, io: concurrent.futures.Executor,
+                 *, wait_timeout_s: float = 60.0) -> None:
         self.store = store
         self.pool = pool
         self._io = io
+        self.wait_timeout_s = wait_timeout_s  # bound on waiting for a read-back buffer
 
     def start(self, chunk: SpilledChunk, transfer_id: str, *, wait: bool = True) -> "asyncio.Task[Restored] | None":
         """Begin restoring `chunk`. With wait=False (read-ahead), returns None instead of
@@ -127,7 +136,10 @@ class Restorer:
     async def _disk(self, loop: asyncio.AbstractEventLoop, chunk: SpilledChunk, tid: str,
                     buf: np.ndarray | None) -> Restored:
         if buf is None:
-            buf = await self.pool.acquire(chunk.nbytes)
+            try:
+                buf = await self.pool.acquire(chunk.nbytes, self.wait_timeout_s)
+            except TransferTimeout as exc:
+                raise TransferTimeout(exc.message, transfer_id=tid, waiting_for="restore_buffer") from None
         view = memoryview(buf)
         read = loop.run_in_executor(self._io, lambda: self.store.read_into(chunk, view, transfer_id=tid))
         try:

@@ -336,7 +336,7 @@ class ControlClient(_Endpoint):
             try:
                 self._sock.send(body, zmq.NOBLOCK)
             except zmq.Again:
-                pass
+                pass  # high-water mark: falls through to the backlog below
             except zmq.ZMQError as exc:
                 log.warning("control_send_failed", to=self.address, error=str(exc))
                 return

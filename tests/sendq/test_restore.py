@@ -9,7 +9,7 @@ import concurrent.futures
 import numpy as np
 import pytest
 
-from pdxfer.errors import IntegrityError
+from pdxfer.errors import IntegrityError, TransferTimeout
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.sendq.holdings import Holdings
 from pdxfer.sendq.budget import MemoryBudget
@@ -42,12 +42,15 @@ def test_pool_acquire_waits_for_a_release():
     async def main() -> None:
         pool = RestorePool(1000)
         a = pool.try_acquire(1000)
-        waiter = asyncio.ensure_future(pool.acquire(1000))
+        waiter = asyncio.ensure_future(pool.acquire(1000, 5))
         await asyncio.sleep(0.01)
         assert not waiter.done()
         pool.release(a)
         got = await asyncio.wait_for(waiter, 5)
         assert got.nbytes == 1000
+        with pytest.raises(TransferTimeout) as ei:  # nothing comes back: a typed error, not a hang
+            await pool.acquire(1000, 0.05)
+        assert ei.value.waiting_for == "restore_buffer"
 
     asyncio.run(main())
 
