@@ -80,7 +80,7 @@ class SideChannelServer:
             try:
                 self._wake_w.send(b"", zmq.NOBLOCK)
             except zmq.ZMQError:
-                pass
+                pass  # a wake-up is already queued (HWM) or the server is closing: the reply is queued either way
 
     def close(self) -> None:
         self._stop.set()
