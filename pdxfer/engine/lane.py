@@ -106,7 +106,7 @@ class Lane:
         # them, but a decode-side waiter may be waiting for that id. Tell it once connected.
         self._early_aborts: list[tuple[str, str]] = []
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
-        self.last_seen = self._loop.time()
+        self._unanswered_since: float | None = None  # first heartbeat sent since the last reply
         self.data: DataClient | NixlDataClient | None = None
         self.backend = cfg.backend
         self._nixl_side = nixl_side
@@ -174,7 +174,6 @@ class Lane:
             self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,
                                                  timeout=self.cfg.handshake_timeout_s, peer=self.address)
         self.state = "ready"
-        self.last_seen = self._loop.time()
         log.debug("lane_ready", peer=self.address, receiver=ok.receiver_id, backend=self.backend)
         for tid, reason in self._early_aborts:
             self.control.send(m.Abort(cid=0, tid=tid, reason=reason))
@@ -301,17 +300,29 @@ class Lane:
             self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
 
     async def _heartbeat_loop(self) -> Exception:
+        """The receiver is lost when a heartbeat stays unanswered (no message at all comes
+        back) for `peer_timeout_s`. Counting from the unanswered heartbeat, not from the
+        last reply, keeps a stall of this process (engine holding the GIL, CPU starvation)
+        from being blamed on the peer: nothing was asked of it meanwhile."""
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             now = self._loop.time()
             if not self.transfers:
-                self.last_seen = now
+                self._unanswered_since = None
                 continue
-            silent = now - self.last_seen
-            if silent > self.cfg.peer_timeout_s:
-                return PeerLost(f"receiver silent for {silent:.2f}s (> {self.cfg.peer_timeout_s}s)",
-                                peer=self.address, waiting_for="heartbeat_ack")
+            if self._unanswered_since is not None and now - self._unanswered_since > self.cfg.peer_timeout_s:
+                if self.control.drain():
+                    # The answer was waiting unread: uvloop runs due timers before it polls
+                    # for I/O, so after a stall of ours this check can run first.
+                    log.info("lane_reply_was_unread", peer=self.address,
+                             waited_s=round(now - self._unanswered_since, 3))
+            if self._unanswered_since is not None and now - self._unanswered_since > self.cfg.peer_timeout_s:
+                waited = now - self._unanswered_since
+                return PeerLost(f"no reply from the receiver for {waited:.2f}s after a heartbeat "
+                                f"(> {self.cfg.peer_timeout_s}s)", peer=self.address, waiting_for="heartbeat_ack")
             self.control.send(m.Heartbeat(cid=next(self._cids)))
+            if self._unanswered_since is None:
+                self._unanswered_since = now
 
     async def _close(self, err: Exception | None) -> None:
         self.state = "dead"
@@ -338,8 +349,6 @@ class Lane:
 
     # ----------------------------------------------------------------- transfers
     def add(self, ctx: OutCtx) -> None:
-        if not self.transfers:
-            self.last_seen = self._loop.time()
         self.transfers[ctx.out.tid] = ctx
         if self.state == "ready":
             self._send_reserve(ctx)
@@ -358,7 +367,7 @@ class Lane:
             self._wake.set()
 
     def _on_message(self, msg: m.Message) -> None:
-        self.last_seen = self._loop.time()
+        self._unanswered_since = None
         if isinstance(msg, m.HelloOk):
             if msg.cid == self._hello_cid and not self._hello.done():
                 self._hello.set_result(msg)

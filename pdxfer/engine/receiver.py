@@ -219,6 +219,11 @@ class Receiver:
                 if not ws:
                     del self._core.waiters[tid]
 
+    @property
+    def loop_stalls(self) -> dict[str, float]:
+        """How often, and how long at worst, this receiver's event loop was held up."""
+        return self._rt.stall_report()
+
     def ledger(self, timeout: float = 10.0) -> Ledger:
         assert self._core is not None
         core = self._core

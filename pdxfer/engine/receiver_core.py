@@ -398,6 +398,10 @@ class ReceiverCore:
 
     def _tick(self, due: float) -> None:
         self._timer = None
+        if self.control is not None:
+            # Heartbeats that arrived while this process was stalled renew leases first:
+            # uvloop runs due timers before it polls for I/O.
+            self.control.drain()
         # call_at may fire up to one clock tick early; never tick before the due time
         self._handle(self.admission.tick(max(self.loop.time(), due)))
         self._schedule()

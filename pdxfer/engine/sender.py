@@ -202,6 +202,12 @@ class Sender:
         return self._spill.files() if self._spill is not None else []
 
     @property
+    def loop_stalls(self) -> dict[str, float]:
+        """How often, and how long at worst, this sender's event loop was held up (see
+        LoopThread): a number to read first when a peer is reported silent."""
+        return self._rt.stall_report()
+
+    @property
     def budget_used(self) -> int:
         return self._budget.used
 

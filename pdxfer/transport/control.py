@@ -86,12 +86,14 @@ class _Endpoint:
             self._pump_pending = True
             self._loop.call_soon(self._pump)
 
-    def _pump(self) -> None:
+    def _pump(self) -> int:
+        """Receive and dispatch what is waiting (up to a batch); the count delivered."""
         self._pump_pending = False
-        if self._closed:
-            return
+        if self._closed or self._in_pump:
+            return 0
         self._in_pump = True
         flushed = False
+        n = 0
         try:
             sock = self._sock
             for _ in range(_BATCH):
@@ -103,10 +105,11 @@ class _Endpoint:
                     if not self._closed:
                         log.warning("control_recv_failed", peer=self._peer_name(), error=str(exc))
                         self._shutdown()
-                    return
+                    return n
+                n += 1
                 self._dispatch(frames)
                 if self._closed:  # a handler closed us
-                    return
+                    return n
             else:
                 self._kick()  # batch used up: the rest on the next loop iteration
             flushed = self._has_backlog()
@@ -116,6 +119,15 @@ class _Endpoint:
             self._in_pump = False
         if flushed:
             self._after_send()
+        return n
+
+    def drain(self) -> int:
+        """Deliver what already waits in the socket, now; the count delivered.
+
+        For a deadline about to declare the peer silent: after this process itself stalled
+        (GIL, CPU starvation), uvloop runs due timers before it polls for I/O, so replies
+        that arrived during the stall are still unread when the deadline's callback runs."""
+        return self._pump()
 
     def _after_send(self) -> None:
         """A send (or ZMQ_EVENTS itself) processes ZMQ's pending commands and so may consume

@@ -58,6 +58,8 @@ def test_plugin_config() -> None:
         PluginConfig.from_extra({"nope": 1})
     with pytest.raises(ValueError):
         PluginConfig.from_extra({"recv_timeout_s": 0})
+    with pytest.raises(ValueError, match="peer_timeout_s"):
+        PluginConfig.from_extra({"peer_timeout_s": -1})
     with pytest.raises(ValueError, match="spill"):
         PluginConfig.from_extra({"spill_disk_bytes": -1})
     spill = PluginConfig.from_extra({"spill_host_bytes": 1 << 20, "spill_disk_bytes": 1 << 30, "spill_after_s": 0.5})

@@ -167,10 +167,13 @@ def test_aborted_stream_fails_the_decode(pair: Any) -> None:
 
 def test_spill_settings_reach_the_prefill_sender(tmp_path) -> None:
     w = WorkerSide(PluginConfig(side_port=free_port(), spill_host_bytes=1 << 20, spill_disk_bytes=4 << 20,
-                                spill_dir=str(tmp_path)), producer=True, consumer=False)
+                                spill_dir=str(tmp_path), peer_timeout_s=12.5), producer=True, consumer=False)
     w.register(caches(1), kv_config())
     try:
-        spill = w.stats()["sender_spill"]
+        assert w.sender is not None and w.sender.config.peer_timeout_s == 12.5
+        st = w.stats()
+        assert set(st["sender_loop_stalls"]) == {"stalls", "worst_s"}
+        spill = st["sender_spill"]
         assert spill["host_capacity"] == 1 << 20 and spill["disk_capacity"] == 4 << 20
         assert any(p.name.startswith("pdxfer-spill-") for p in tmp_path.iterdir())
     finally:

@@ -99,6 +99,7 @@ class PluginConfig:
     lease_s: float = 120.0  # prefill holds finished blocks at most this long for a pull
     recv_timeout_s: float = 60.0  # decode: whole receive, ask to unpack-ready
     handshake_timeout_s: float = 5.0  # decode -> prefill "push" request round trip
+    peer_timeout_s: float = 5.0  # prefill: a decode receiver that answers no heartbeat this long is lost
     decode_receivers: Mapping[str, str] = field(default_factory=dict)  # concurrent: URL -> address
     # Prefill: packed KV of requests whose decode has no room yet leaves `sender_memory`
     # for host memory, then files under spill_dir (SenderConfig's spill settings).
@@ -120,7 +121,7 @@ class PluginConfig:
         if "side_port" not in extra and kv_port:
             extra["side_port"] = int(kv_port)
         cfg = cls(**extra)
-        for name in ("lease_s", "recv_timeout_s", "handshake_timeout_s"):
+        for name in ("lease_s", "recv_timeout_s", "handshake_timeout_s", "peer_timeout_s"):
             if float(getattr(cfg, name)) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if cfg.receiver_capacity <= 0 or cfg.sender_memory <= 0:

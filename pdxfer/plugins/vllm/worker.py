@@ -87,6 +87,7 @@ class WorkerSide(StreamingMixin):
         self._zctx = zmq.Context()
         if self.producer:
             self.sender = Sender(SenderConfig(memory_budget=self.cfg.sender_memory, deadline_s=self.cfg.recv_timeout_s,
+                                              peer_timeout_s=self.cfg.peer_timeout_s,
                                               spill_host_bytes=self.cfg.spill_host_bytes,
                                               spill_disk_bytes=self.cfg.spill_disk_bytes, spill_dir=self.cfg.spill_dir,
                                               spill_after_s=self.cfg.spill_after_s)).start()
@@ -355,10 +356,12 @@ class WorkerSide(StreamingMixin):
         if self.sender is not None:
             out["sender_budget_used"] = self.sender.budget_used
             out["sender_spill"] = self.sender.spill_usage()
+            out["sender_loop_stalls"] = self.sender.loop_stalls
         if self.receiver is not None:
             led = self.receiver.ledger()
             out["receiver"] = {"capacity": led.capacity, "reserved_bytes": led.reserved_bytes,
                                "waiting_count": led.waiting_count,
                                "granted_count": led.granted_count, "delivered_count": led.delivered_count,
                                "address": self.receiver.control_address}
+            out["receiver_loop_stalls"] = self.receiver.loop_stalls
         return out
