@@ -116,6 +116,20 @@ def test_drop_and_lease_expiry_free_held_blocks(pair: Any) -> None:
     assert p.stats()["held"] == 0
 
 
+def test_late_push_for_an_ended_hold_is_answered_with_why(pair: Any) -> None:
+    """A push may wait for a hold not registered yet (the prefill's step can be seconds
+    away under load), but one for a hold that already ended is answered at once."""
+    p, d, _, _ = pair
+    p.on_meta(StepMeta(sends=[SendSpec("a", "TA", ((1,),), 10, time.time() + 30),
+                              SendSpec("b", "TB", ((2,),), 10, time.time() - 1)]))
+    assert p.get_finished()[0] == {"b"}
+    assert side_request(d._zctx, p.cfg.side_host, p.cfg.side_port, {"op": "drop", "transfer_id": "TA"}, 2)["held"]
+    for tid, why in (("TA", "dropped"), ("TB", "expired")):
+        push = {"op": "push", "transfer_id": tid, "receiver": "tcp://127.0.0.1:1", "t0": 0, "t1": 10}
+        reply = side_request(d._zctx, p.cfg.side_host, p.cfg.side_port, push, 2, 30)
+        assert not reply["ok"] and f"({why})" in reply["error"], reply
+
+
 def test_cancel_reports_finished_without_failure(pair: Any) -> None:
     p, d, _, _ = pair
     d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "TX", ((4,),), 0, 10, None, None)]))  # concurrent form: waits

@@ -99,7 +99,10 @@ class PluginConfig:
     lease_s: float = 120.0  # prefill holds finished blocks at most this long for a pull
     recv_timeout_s: float = 60.0  # decode: whole receive, ask to unpack-ready
     handshake_timeout_s: float = 5.0  # decode -> prefill "push" request round trip
-    peer_timeout_s: float = 5.0  # prefill: a decode receiver that answers no heartbeat this long is lost
+    # Prefill: a decode receiver that leaves a heartbeat unanswered this long is lost. Long
+    # on purpose: a dead decode is noticed at once (its data connection closes); this only
+    # catches a hung one, and a live engine process on a loaded host can stall for seconds.
+    peer_timeout_s: float = 15.0
     decode_receivers: Mapping[str, str] = field(default_factory=dict)  # concurrent: URL -> address
     # Prefill: packed KV of requests whose decode has no room yet leaves `sender_memory`
     # for host memory, then files under spill_dir (SenderConfig's spill settings).

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from typing import Any, Callable
 
 import msgspec
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 log = structlog.get_logger("pdxfer.vllm.side")
 
@@ -91,18 +93,59 @@ class SideChannelServer:
         self._ctx.term()
 
 
-def side_request(ctx: zmq.Context, host: str, port: int, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """One request/answer round trip; raises TimeoutError when nobody answers in time."""
+_WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED)
+
+
+def side_request(ctx: zmq.Context, host: str, port: int, msg: dict[str, Any], alive_timeout_s: float,
+                 answer_timeout_s: float | None = None) -> dict[str, Any]:
+    """One request/answer round trip, telling a dead prefill from a slow one.
+
+    Liveness comes from ZMQ's I/O thread, which completes handshakes and answers
+    heartbeats without Python's GIL: a prefill worker whose Python threads are starved
+    for seconds (seen here under load) is slow, not dead, and gets `answer_timeout_s`
+    (default: `alive_timeout_s`) to answer. Dead fails fast: a refused connection at once
+    (`ConnectionRefusedError`), no handshake or an unanswered heartbeat within
+    `alive_timeout_s` (a stopped process, an unreachable host: `TimeoutError` /
+    `ConnectionError`), a dropped connection at once (`ConnectionError`)."""
+    answer_timeout_s = alive_timeout_s if answer_timeout_s is None else answer_timeout_s
+    where = f"prefill side channel {host}:{port}"
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, int(alive_timeout_s * 250)))  # 4 pings per alive timeout
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(100, int(alive_timeout_s * 1000)))
+    mon = sock.get_monitor_socket(_WATCHED)
     try:
         sock.connect(f"tcp://{host}:{port}")
         sock.send(msgspec.json.encode(msg))
-        if not sock.poll(int(timeout_s * 1000)):
-            raise TimeoutError(f"prefill side channel {host}:{port} did not answer within {timeout_s}s")
-        reply = msgspec.json.decode(sock.recv())
-        if not isinstance(reply, dict):
-            raise ValueError("side channel answered a non-object")
-        return reply
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        start = time.monotonic()
+        connected = False
+        while True:
+            until = start + (answer_timeout_s if connected else min(alive_timeout_s, answer_timeout_s))
+            left = until - time.monotonic()
+            if left <= 0:
+                if connected:
+                    raise TimeoutError(f"{where} did not answer within {answer_timeout_s}s")
+                raise TimeoutError(f"{where} did not complete a handshake within {alive_timeout_s}s "
+                                   "(process stopped or host unreachable)")
+            ready = dict(poller.poll(max(1, int(left * 1000))))
+            if sock in ready:
+                reply = msgspec.json.decode(sock.recv())
+                if not isinstance(reply, dict):
+                    raise ValueError(f"{where} answered a non-object")
+                return reply
+            if mon in ready:
+                event = recv_monitor_message(mon)["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    connected = True
+                elif event == zmq.EVENT_CONNECT_RETRIED:
+                    raise ConnectionRefusedError(f"{where} refused the connection (the prefill worker is gone)")
+                elif event == zmq.EVENT_DISCONNECTED and connected:
+                    raise ConnectionError(f"{where} dropped the connection before answering (the prefill "
+                                          f"worker died, or left heartbeats unanswered for {alive_timeout_s}s)")
     finally:
+        sock.disable_monitor()
+        mon.close(0)
         sock.close(0)

@@ -16,6 +16,7 @@ Nothing blocks the engine thread: side-channel round trips run in a small pool.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import threading
@@ -36,6 +37,8 @@ from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
 from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
 
 log = structlog.get_logger("pdxfer.vllm.worker")
+
+_GONE_REMEMBERED = 4096  # ended holds remembered for late pushes
 
 
 @dataclass
@@ -67,6 +70,7 @@ class WorkerSide(StreamingMixin):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Condition()
         self._held: dict[str, SendSpec] = {}  # transfer id -> blocks held for a pull
+        self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # recently ended holds -> why
         self._done_sending: set[str] = set()  # req ids whose blocks vLLM may free
         self._in_flight: dict[str, tuple[Any, list[torch.Tensor]]] = {}  # tid -> (handle, packed chunks)
         self._streams: dict[str, _Stream] = {}  # tid -> streaming prefill being pushed
@@ -144,6 +148,7 @@ class WorkerSide(StreamingMixin):
                 if s.expires_at < now:
                     log.warning("pdxfer_hold_expired", transfer_id=tid, request_id=s.req_id)
                     del self._held[tid]
+                    self._forget(tid, "expired")
                     self._done_sending.add(s.req_id)
                     self.counters["expired"] += 1
             sending, self._done_sending = self._done_sending, set()
@@ -196,7 +201,7 @@ class WorkerSide(StreamingMixin):
             msg = {"op": "push", "transfer_id": spec.transfer_id, "receiver": self.receiver.control_address,
                    "t0": spec.t0, "t1": spec.t1}
             ask = self._pool.submit(side_request, self._zctx, spec.remote_host, spec.remote_port, msg,
-                                    self.cfg.handshake_timeout_s)
+                                    self.cfg.handshake_timeout_s, self.cfg.recv_timeout_s)
         self._jobs[spec.req_id] = _RecvJob(spec, wait, ask)
 
     def _poll(self, job: _RecvJob) -> str | None:
@@ -271,6 +276,7 @@ class WorkerSide(StreamingMixin):
             with self._lock:
                 s = self._held.pop(tid, None)
                 if s is not None:
+                    self._forget(tid, "dropped")
                     self._done_sending.add(s.req_id)
                     self.counters["dropped"] += 1
             return {"ok": True, "held": s is not None}
@@ -290,13 +296,27 @@ class WorkerSide(StreamingMixin):
         except Exception as exc:  # noqa: BLE001 - the prefill's lease frees them anyway
             log.warning("pdxfer_drop_failed", transfer_id=tid, error=repr(exc))
 
+    def _forget(self, tid: str, why: str) -> None:
+        """Remember (bounded) why a hold ended, so a late push is answered at once. Holds the lock."""
+        self._gone[tid] = why
+        while len(self._gone) > _GONE_REMEMBERED:
+            self._gone.popitem(last=False)
+        self._lock.notify_all()
+
     def _push(self, tid: str, peer: str, t0: int, t1: Any) -> dict[str, Any]:
         assert self.packer is not None and self.sender is not None
-        with self._lock:  # the decode may ask before this step's metadata registered the hold
-            self._lock.wait_for(lambda: tid in self._held, timeout=self.cfg.handshake_timeout_s)
+        with self._lock:
+            # The decode may ask before this engine's step registered the hold, and under
+            # load that step can be seconds away: wait as long as the decode will (its
+            # recv_timeout_s), but answer at once for a hold that already ended.
+            self._lock.wait_for(lambda: tid in self._held or tid in self._gone, timeout=self.cfg.recv_timeout_s)
             spec = self._held.pop(tid, None)
+            if spec is not None:
+                self._forget(tid, "taken by an earlier push")
+            else:
+                why = self._gone.get(tid, f"unknown after {self.cfg.recv_timeout_s}s")
         if spec is None:
-            return {"ok": False, "error": f"transfer {tid} is not held here (unknown, expired or taken)"}
+            return {"ok": False, "error": f"transfer {tid} is not held here ({why})"}
         try:
             t1 = spec.num_tokens if t1 is None else int(t1)
             limit = spec.num_tokens
