@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,12 +181,15 @@ def test_unfetched_prefill_blocks_expire(servers: dict[str, VllmServer]) -> None
 
 
 def test_decode_abort_while_waiting_releases_everything(servers: dict[str, VllmServer]) -> None:
-    """The client gives up while the decode waits for KV from a prefill that never answers."""
+    """The client gives up while the decode waits for KV from a prefill that never answers
+    (a listening socket that accepts and then says nothing: a hung host, not a dead one,
+    which would refuse the connection and fail the request at once)."""
     p = prompts()[3]
-    params = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": "never-sent",
-              "remote_host": "127.0.0.1", "remote_port": 9}  # nothing listens there
-    with pytest.raises(OSError):  # urllib's timeout: the client disconnects
-        completion(servers["decode"], p, 4, params, timeout=1.0)
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        params = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": "never-sent",
+                  "remote_host": "127.0.0.1", "remote_port": hung.getsockname()[1]}
+        with pytest.raises(OSError):  # urllib's timeout: the client disconnects
+            completion(servers["decode"], p, 4, params, timeout=1.0)
     assert_no_leaks(*_pdx(servers, "decode"), timeout=30)
     st, out = completion(servers["decode"], p, 4)
     assert st == 200
