@@ -43,8 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-size", type=parse_size, default=parse_size("64MiB"))
     p.add_argument("--pairs", type=int, default=5, help="baseline/pdxfer run pairs per configuration")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
-    p.add_argument("--checksum-on-send", action="store_true",
-                   help="hash chunks on the send thread instead of in put() (SenderConfig.checksum_on_put=False)")
+    p.add_argument("--checksum-on-put", action="store_true",
+                   help="hash chunks in put(), on the producer's thread (SenderConfig.checksum_on_put)")
+    p.add_argument("--hash-ahead", type=int, default=SenderConfig.hash_ahead,
+                   help="chunks hashed ahead of the wire on the hashing thread; 0: on the send loop")
 
 
 def _pdxfer_run(sender: Sender, peer: str, buf: np.ndarray, chunk: int, total: int, concurrency: int) -> float:
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             writer = nixlraw.RawWriter(base.info, memoryview(buf))
         else:
             base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
-        cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=not args.checksum_on_send,
+        cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=args.checksum_on_put,
+                           hash_ahead=args.hash_ahead,
                            backend=args.backend)
         with Sender(cfg) as sender, \
                 Progress(console=console, transient=True) as prog:

@@ -27,10 +27,14 @@ class SenderConfig:
     heartbeat_s: float = 1.0
     peer_timeout_s: float = 5.0  # no reply at all for this long while transfers are active
     lane_idle_s: float = 30.0  # close a peer's sockets after this long with nothing to do
-    # True: hash each chunk in put(), on the caller's thread. That also catches a caller
-    # that reuses a buffer before it was sent, at the cost of one extra pass over cold
-    # memory. False: hash on the send thread right before the bytes go out, cache-hot.
-    checksum_on_put: bool = True
+    # False (default): hash each chunk on a hashing thread `hash_ahead` chunks ahead of the
+    # wire (sendq.hashahead), so the send reads it cache-hot and the engine's thread never
+    # hashes; hash_ahead=0 hashes on the send loop itself. True: hash in put(), on the
+    # caller's thread: one more pass over cold memory, but it also catches a caller that
+    # breaks the contract and changes a buffer before its transfer ended.
+    checksum_on_put: bool = False
+    hash_ahead: int = 4  # chunks; and at most hash_ahead_bytes beyond the first (cache-sized)
+    hash_ahead_bytes: int = 16 << 20
     # Data path of every lane: "tcp" (one TCP connection per receiver) or "nixl" (one-sided
     # WRITEs into the receiver's registered region; UCX picks RDMA, shared memory or TCP).
     backend: str = "tcp"
@@ -61,7 +65,7 @@ class SenderConfig:
                 raise ValueError(f"SenderConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.memory_budget <= 0:
             raise ValueError(f"SenderConfig.memory_budget must be > 0, got {self.memory_budget}")
-        for name in ("spill_host_bytes", "spill_disk_bytes"):
+        for name in ("spill_host_bytes", "spill_disk_bytes", "hash_ahead", "hash_ahead_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SenderConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.spill_after_s is not None and self.spill_after_s < 0:

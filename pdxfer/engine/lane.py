@@ -39,6 +39,7 @@ from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutEvent, OutState
 from pdxfer.sendq import MemoryBudget, PeerQueue, SendItem
+from pdxfer.sendq.hashahead import HashAhead
 from pdxfer.sendq.holdings import Holdings, is_spilled
 from pdxfer.sendq.restore import ReadAhead, Restored, Restorer, RestorePool
 from pdxfer.transport.control import ControlClient
@@ -84,7 +85,8 @@ class Lane:
     def __init__(self, address: str, cfg: "SenderConfig", budget: MemoryBudget,
                  ctx: zmq.asyncio.Context, on_closed: Any,
                  nixl_side: "Callable[[], Awaitable[NixlSendSide]] | None" = None,
-                 holdings: Holdings | None = None, io: concurrent.futures.Executor | None = None) -> None:
+                 holdings: Holdings | None = None, io: concurrent.futures.Executor | None = None,
+                 hash_pool: concurrent.futures.Executor | None = None) -> None:
         self.address = address
         self.cfg = cfg
         self.budget = budget
@@ -94,6 +96,8 @@ class Lane:
         self._restorer = (Restorer(store, RestorePool(cfg.restore_buffer_bytes), io, wait_timeout_s=cfg.deadline_s)
                           if store is not None and io is not None else None)
         self._ahead = ReadAhead(self._restorer, cfg.restore_ahead) if self._restorer is not None else None
+        self._hasher = (HashAhead(hash_pool, cfg.hash_ahead, max(1, cfg.hash_ahead_bytes))
+                        if hash_pool is not None else None)
         self.state = "connecting"
         self.transfers: dict[str, OutCtx] = {}
         self._by_cid: dict[int, OutCtx] = {}
@@ -204,7 +208,10 @@ class Lane:
                 payload = restored.view
             checksum = item.checksum
             if checksum is None:
-                checksum = chunk_checksum(payload)
+                checksum = await self._checksum(item, payload)
+                if t.terminal:  # ended while its hash ran
+                    self._sent(item, restored)
+                    continue
                 t.record_checksum(item.index, checksum)
             if isinstance(self.data, DataClient):
                 if t.sent_chunks + 1 == t.payload.chunk_count:
@@ -225,6 +232,22 @@ class Lane:
                 ctx.extra["writes"] = ctx.extra.get("writes", 0) + 1
                 fut.add_done_callback(functools.partial(self._write_done, item=item, restored=restored, ctx=ctx))
             self._chunk_sent(t)
+
+    async def _checksum(self, item: SendItem, payload: memoryview) -> int:
+        """Hash of a chunk about to go out: computed ahead on the hashing thread when there
+        is one (and the next chunks' hashes started), else here."""
+        if self._hasher is None:
+            return chunk_checksum(payload)
+        upcoming = (((n.transfer.tid, n.index), n.buffer) for n in self.queue.peek(self._hasher.depth)
+                    if n.checksum is None and not is_spilled(n.buffer) and not n.transfer.terminal)
+        got = self._hasher.take((item.transfer.tid, item.index), payload, upcoming)
+        if isinstance(got, int):
+            return got
+        try:
+            return await asyncio.wrap_future(got)
+        except asyncio.CancelledError:  # lane closing: this chunk will never go out
+            self.holdings.release(item.buffer, item.nbytes)
+            raise
 
     def _write_done(self, fut: asyncio.Future, *, item: SendItem, restored: Restored | None, ctx: OutCtx) -> None:
         """A NIXL WRITE finished: what the chunk held goes back now, whatever the outcome."""

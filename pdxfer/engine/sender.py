@@ -113,6 +113,9 @@ class Sender:
         self._live_ids: set[str] = set()
         self._nixl: "asyncio.Future[NixlSendSide] | None" = None
         self._spill: "SpillCoordinator | None" = None
+        # One hashing thread for every lane (sendq.hashahead); xxhash releases the GIL.
+        self._hash_pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pdxfer-hash")
+                           if not config.checksum_on_put and config.hash_ahead > 0 else None)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Sender":
@@ -148,6 +151,8 @@ class Sender:
         self._rt.stop(timeout)
         if self._spill is not None:
             self._spill.close()
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True, cancel_futures=True)  # hashes only read: they end in µs
 
     async def _aclose(self) -> None:
         await asyncio.gather(*(lane.close() for lane in list(self._lanes.values())), return_exceptions=True)
@@ -258,7 +263,7 @@ class Sender:
             spill = self._spill
             lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed, self._nixl_side,
                         holdings=spill.holdings if spill is not None else None,
-                        io=spill.io if spill is not None else None)
+                        io=spill.io if spill is not None else None, hash_pool=self._hash_pool)
             self._lanes[peer] = lane
         return lane
 
