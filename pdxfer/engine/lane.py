@@ -15,6 +15,9 @@ the NIXL progress thread, which WRITEs it (one-sided, with a notification) into 
 the GRANT named; the lane keeps going meanwhile, sends COMMIT once every WRITE is handed
 over, and returns a chunk's budget when its WRITE completed. The first failed WRITE (NIXL's
 remote-disconnect error) ends the lane like a TCP EOF does.
+
+What each chunk needs before it can go (spilled ones read back, all of them hashed) is
+done off the loop, a few chunks ahead, by `engine.outgoing`.
 """
 
 from __future__ import annotations
@@ -35,13 +38,12 @@ from pdxfer.errors import (
     RejectReason, TransferAborted, TransferTimeout,
 )
 from pdxfer.protocol import messages as m
-from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutEvent, OutState
+from pdxfer.engine.outgoing import Outgoing
 from pdxfer.sendq import MemoryBudget, PeerQueue, SendItem
-from pdxfer.sendq.hashahead import HashAhead
-from pdxfer.sendq.holdings import Holdings, is_spilled
-from pdxfer.sendq.restore import ReadAhead, Restored, Restorer, RestorePool
+from pdxfer.sendq.holdings import Holdings
+from pdxfer.sendq.restore import Restored
 from pdxfer.transport.control import ControlClient
 from pdxfer.transport.tcp import DataClient
 
@@ -91,18 +93,13 @@ class Lane:
         self.cfg = cfg
         self.budget = budget
         self.holdings = holdings if holdings is not None else Holdings(budget)
-        store = self.holdings.store
-        # Spilled chunks come back through here, a few ahead of the wire (sendq.restore).
-        self._restorer = (Restorer(store, RestorePool(cfg.restore_buffer_bytes), io, wait_timeout_s=cfg.deadline_s)
-                          if store is not None and io is not None else None)
-        self._ahead = ReadAhead(self._restorer, cfg.restore_ahead) if self._restorer is not None else None
-        self._hasher = (HashAhead(hash_pool, cfg.hash_ahead, max(1, cfg.hash_ahead_bytes))
-                        if hash_pool is not None else None)
+        # Spilled chunks are read back and chunks hashed there, a few ahead of the wire.
+        self.out = Outgoing(cfg, self.holdings, lambda n: self.queue.peek(n), self._fail_tid, io, hash_pool)
         self.state = "connecting"
         self.transfers: dict[str, OutCtx] = {}
         self._by_cid: dict[int, OutCtx] = {}
         self._cids = itertools.count(1)
-        self.queue = PeerQueue(self._drop_item)
+        self.queue = PeerQueue(self.out.drop)
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._hello_cid = next(self._cids)
@@ -197,29 +194,19 @@ class Lane:
                     if not self.transfers:
                         return None  # idle lane: close it, a later submit opens a fresh one
                 continue
+            ready = await self.out.ready(item)
+            if ready is None:
+                continue  # failed (integrity) or ended while it was read back or hashed
+            _, payload, checksum, restored = ready
             t = item.transfer
-            offset, size = t.payload.chunk_range(item.index)
-            payload = item.buffer
-            restored: Restored | None = None
-            if is_spilled(payload):
-                restored = await self._restore(item)
-                if restored is None:
-                    continue  # failed (integrity) or ended while it was read back
-                payload = restored.view
-            checksum = item.checksum
-            if checksum is None:
-                checksum = await self._checksum(item, payload)
-                if t.terminal:  # ended while its hash ran
-                    self._sent(item, restored)
-                    continue
-                t.record_checksum(item.index, checksum)
+            offset, _ = t.payload.chunk_range(item.index)
             if isinstance(self.data, DataClient):
                 if t.sent_chunks + 1 == t.payload.chunk_count:
                     self._commit(t)  # its trip overlaps the last chunk's bytes: the receiver takes either order
                 try:
                     await self.data.send_chunk(t.slot, item.index, offset, payload, checksum)  # type: ignore[arg-type]
                 finally:
-                    self._sent(item, restored)
+                    self.out.sent(item, restored)
             else:
                 # NIXL: the progress thread registers and copies (overlapping with the next
                 # hash here); the budget comes back when the WRITE completed. COMMIT may go
@@ -233,25 +220,9 @@ class Lane:
                 fut.add_done_callback(functools.partial(self._write_done, item=item, restored=restored, ctx=ctx))
             self._chunk_sent(t)
 
-    async def _checksum(self, item: SendItem, payload: memoryview) -> int:
-        """Hash of a chunk about to go out: computed ahead on the hashing thread when there
-        is one (and the next chunks' hashes started), else here."""
-        if self._hasher is None:
-            return chunk_checksum(payload)
-        upcoming = (((n.transfer.tid, n.index), n.buffer) for n in self.queue.peek(self._hasher.depth)
-                    if n.checksum is None and not is_spilled(n.buffer) and not n.transfer.terminal)
-        got = self._hasher.take((item.transfer.tid, item.index), payload, upcoming)
-        if isinstance(got, int):
-            return got
-        try:
-            return await asyncio.wrap_future(got)
-        except asyncio.CancelledError:  # lane closing: this chunk will never go out
-            self.holdings.release(item.buffer, item.nbytes)
-            raise
-
     def _write_done(self, fut: asyncio.Future, *, item: SendItem, restored: Restored | None, ctx: OutCtx) -> None:
         """A NIXL WRITE finished: what the chunk held goes back now, whatever the outcome."""
-        self._sent(item, restored)
+        self.out.sent(item, restored)
         if not fut.cancelled():
             fut.exception()  # failures end the lane through the data client's `closed` future
         ctx.extra["writes"] -= 1
@@ -264,53 +235,10 @@ class Lane:
         if self.state == "ready":
             self.control.send(m.Abort(cid=ctx.out.cid or 0, tid=ctx.out.tid, reason=reason))
 
-    def _sent(self, item: SendItem, restored: Restored | None) -> None:
-        """The chunk's bytes left (or never will): give back its budget or tier space and
-        its read-back buffer."""
-        if restored is not None and self._restorer is not None:
-            self._restorer.done_with(restored)
-        self.holdings.release(item.buffer, item.nbytes)
-
-    async def _restore(self, item: SendItem) -> Restored | None:
-        """Bring a spilled chunk back (started earlier by read-ahead, or now) and start the
-        next ones. None when its transfer failed or ended meanwhile (already released)."""
-        assert self._ahead is not None
-        t = item.transfer
-        upcoming = (((n.transfer.tid, n.index), n.buffer, n.transfer.tid)
-                    for n in self.queue.peek(self.cfg.restore_ahead)
-                    if is_spilled(n.buffer) and not n.transfer.terminal)
-        task = self._ahead.take((t.tid, item.index), item.buffer, t.tid, upcoming)
-        try:
-            restored = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self._abandon(item, task)  # lane closing: give back once the read has stopped
-            raise
-        except PdxferError as exc:  # damaged spill copy, or no read-back buffer in time
-            self.holdings.release(item.buffer, item.nbytes)
-            ctx = self.transfers.get(t.tid)
-            if ctx is not None:
-                self.fail(ctx, exc)  # this transfer only: the lane keeps serving the others
-            return None
-        if t.terminal:
-            self._sent(item, restored)
-            return None
-        return restored
-
-    def _abandon(self, item: SendItem, task: "asyncio.Task[Restored]") -> None:
-        def done(t: "asyncio.Task[Restored]") -> None:
-            if not t.cancelled() and t.exception() is None and self._restorer is not None:
-                self._restorer.done_with(t.result())
-            self.holdings.release(item.buffer, item.nbytes)
-
-        task.add_done_callback(done)
-
-    def _drop_item(self, item: SendItem) -> None:
-        """A queued chunk that will never be sent (its transfer ended, or the lane closed)."""
-        task = self._ahead.drop((item.transfer.tid, item.index)) if self._ahead is not None else None
-        if task is not None:
-            self._abandon(item, task)
-        else:
-            self.holdings.release(item.buffer, item.nbytes)
+    def _fail_tid(self, tid: str, exc: PdxferError) -> None:
+        ctx = self.transfers.get(tid)
+        if ctx is not None:
+            self.fail(ctx, exc)
 
     def _chunk_sent(self, t: OutboundTransfer) -> None:
         t.sent_chunks += 1
