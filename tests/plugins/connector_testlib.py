@@ -43,7 +43,12 @@ ENGINE_ARGS = ["--block-size", str(BLOCK_SIZE), "--max-num-batched-tokens", str(
 
 
 def kv_config(role: str, port: int, *, policy: str = "fail", **extra: Any) -> str:
-    cfg = {"recv_timeout_s": 30, "handshake_timeout_s": 5, "lease_s": 60, **extra}
+    # handshake_timeout_s: this VM runs DAMON reclaim (kdamond, "pageout" of pages idle for
+    # 60 s, file-backed only: no swap), so a server idle for a minute has its code paged out
+    # and stalls for seconds faulting it back in when touched (event-loop stalls of 2-9 s
+    # logged during these tests). A dead prefill is noticed at once anyway: its side
+    # channel refuses the connection.
+    cfg = {"recv_timeout_s": 30, "handshake_timeout_s": 15, "lease_s": 60, **extra}
     return json.dumps({"kv_connector": "PdxferConnector", "kv_connector_module_path": "pdxfer.plugins.vllm",
                        "kv_role": role, "kv_port": port, "kv_load_failure_policy": policy,
                        "kv_connector_extra_config": cfg})
