@@ -50,6 +50,7 @@ class Outgoing:
         self._restore_depth = cfg.restore_ahead
         self._hasher = (HashAhead(hash_pool, cfg.hash_ahead, max(1, cfg.hash_ahead_bytes))
                         if hash_pool is not None else None)
+        self._hash_min = cfg.hash_ahead_min_bytes
 
     async def ready(self, item: SendItem) -> Ready | None:
         """The chunk's bytes and checksum, or None when it will not be sent after all
@@ -88,12 +89,13 @@ class Outgoing:
 
     # ------------------------------------------------------------------ internals
     async def _checksum(self, item: SendItem, payload: memoryview) -> int:
-        """Computed ahead on the hashing thread when there is one (and the next chunks'
-        hashes started), else here."""
-        if self._hasher is None:
+        """Computed ahead on the hashing thread when there is one and the chunk is large
+        enough to be worth the hand-off (and the next chunks' hashes started), else here."""
+        if self._hasher is None or payload.nbytes < self._hash_min:
             return chunk_checksum(payload)
         upcoming = (((n.transfer.tid, n.index), n.buffer) for n in self._peek(self._hasher.depth)
-                    if n.checksum is None and not is_spilled(n.buffer) and not n.transfer.terminal)
+                    if n.checksum is None and n.nbytes >= self._hash_min and not is_spilled(n.buffer)
+                    and not n.transfer.terminal)
         got = self._hasher.take((item.transfer.tid, item.index), payload, upcoming)
         if isinstance(got, int):
             return got

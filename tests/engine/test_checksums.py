@@ -14,8 +14,9 @@ from tests.engine.test_transfers import _eventually
 
 MODES = {
     "put": {"checksum_on_put": True},
-    "ahead-1": {"hash_ahead": 1},
-    "ahead-3": {"hash_ahead": 3},
+    "ahead-1": {"hash_ahead": 1, "hash_ahead_min_bytes": 0},
+    "ahead-3": {"hash_ahead": 3, "hash_ahead_min_bytes": 0},
+    "default": {},  # 64 KiB chunks: below hash_ahead_min_bytes, hashed on the send loop
     "send-loop": {"hash_ahead": 0},
 }
 
