@@ -28,8 +28,9 @@ class SenderConfig:
     peer_timeout_s: float = 5.0  # no reply at all for this long while transfers are active
     lane_idle_s: float = 30.0  # close a peer's sockets after this long with nothing to do
     # False (default): hash each chunk on a hashing thread `hash_ahead` chunks ahead of the
-    # wire (sendq.hashahead), so the send reads it cache-hot and the engine's thread never
-    # hashes; hash_ahead=0 hashes on the send loop itself. True: hash in put(), on the
+    # wire (sendq.hashahead; TCP lanes), so the send reads it cache-hot and the engine's
+    # thread never hashes; hash_ahead=0, and NIXL lanes, hash on the send loop itself
+    # (there the copy runs on the NIXL progress thread). True: hash in put(), on the
     # caller's thread: one more pass over cold memory, but it also catches a caller that
     # breaks the contract and changes a buffer before its transfer ended.
     checksum_on_put: bool = False
