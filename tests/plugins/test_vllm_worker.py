@@ -193,3 +193,13 @@ def test_spill_settings_reach_the_prefill_sender(tmp_path) -> None:
     finally:
         w.shutdown()
     assert not any(tmp_path.iterdir())  # shutdown removed the spill directory
+
+
+def test_timeouts_reach_the_decode_receiver() -> None:
+    w = WorkerSide(PluginConfig(side_port=free_port(), receiver_lease_s=42.0), producer=False, consumer=True)
+    w.register(caches(None), kv_config())
+    try:
+        assert w.receiver is not None and w.receiver.config.lease_s == 42.0
+        assert set(w.stats()["receiver_loop_stalls"]) == {"stalls", "worst_s"}
+    finally:
+        w.shutdown()

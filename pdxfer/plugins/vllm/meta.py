@@ -103,6 +103,9 @@ class PluginConfig:
     # on purpose: a dead decode is noticed at once (its data connection closes); this only
     # catches a hung one, and a live engine process on a loaded host can stall for seconds.
     peer_timeout_s: float = 15.0
+    # Decode: a granted reservation whose prefill sends nothing (no bytes, no heartbeat)
+    # this long is reclaimed. A dead prefill is noticed sooner (its connection closes).
+    receiver_lease_s: float = 30.0
     decode_receivers: Mapping[str, str] = field(default_factory=dict)  # concurrent: URL -> address
     # Prefill: packed KV of requests whose decode has no room yet leaves `sender_memory`
     # for host memory, then files under spill_dir (SenderConfig's spill settings).
@@ -124,7 +127,7 @@ class PluginConfig:
         if "side_port" not in extra and kv_port:
             extra["side_port"] = int(kv_port)
         cfg = cls(**extra)
-        for name in ("lease_s", "recv_timeout_s", "handshake_timeout_s", "peer_timeout_s"):
+        for name in ("lease_s", "recv_timeout_s", "handshake_timeout_s", "peer_timeout_s", "receiver_lease_s"):
             if float(getattr(cfg, name)) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if cfg.receiver_capacity <= 0 or cfg.sender_memory <= 0:

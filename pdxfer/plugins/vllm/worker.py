@@ -97,7 +97,8 @@ class WorkerSide(StreamingMixin):
                                               spill_after_s=self.cfg.spill_after_s)).start()
         if self.consumer:
             self.receiver = Receiver(ReceiverConfig(capacity=self.cfg.receiver_capacity, host=self.cfg.receiver_host,
-                                                    control_port=self.cfg.receiver_port)).start()
+                                                    control_port=self.cfg.receiver_port,
+                                                    lease_s=self.cfg.receiver_lease_s)).start()
         # Both roles listen: the prefill for push/drop requests, either for "stats".
         self.side = SideChannelServer(self.cfg.side_host, self.cfg.side_port + self.rank, self._on_side)
         log.info("pdxfer_vllm_worker_ready", producer=self.producer, consumer=self.consumer,
