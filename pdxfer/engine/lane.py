@@ -107,13 +107,14 @@ class Lane:
         # them, but a decode-side waiter may be waiting for that id. Tell it once connected.
         self._early_aborts: list[tuple[str, str]] = []
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
+        self._hello.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if unawaited
         self._unanswered_since: float | None = None  # first heartbeat sent since the last reply
         self.data: DataClient | NixlDataClient | None = None
         self.backend = cfg.backend
         self._nixl_side = nixl_side
         self._on_closed = on_closed
         identity = f"{cfg.sender_id}/{os.urandom(6).hex()}".encode()
-        self.control = ControlClient(ctx, address, identity, self._on_message)
+        self.control = ControlClient(ctx, address, identity, self._on_message, on_refused=self._refused)
         self._task = self._loop.create_task(self._run(), name=f"pdxfer-lane-{address}")
 
     # ----------------------------------------------------------------- lifecycle
@@ -316,6 +317,12 @@ class Lane:
     def chunks_ready(self, ctx: OutCtx) -> None:
         if self.queue.push_ready(ctx.out):
             self._wake.set()
+
+    def _refused(self) -> None:
+        """Nothing listens at the receiver's address: fail now, not after handshake_timeout_s."""
+        if not self._hello.done():
+            self._hello.set_exception(PeerLost("receiver refused the connection (nothing listens there)",
+                                               peer=self.address, waiting_for="hello"))
 
     def _on_message(self, msg: m.Message) -> None:
         self._unanswered_since = None

@@ -32,6 +32,7 @@ from typing import Callable
 
 import structlog
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from pdxfer.errors import ProtocolError
 from pdxfer.protocol import messages as m
@@ -307,21 +308,81 @@ class ControlServer(_Endpoint):
 
 
 class ControlClient(_Endpoint):
-    """DEALER to one receiver; every decoded message goes to `on_message`."""
+    """DEALER to one receiver; every decoded message goes to `on_message`.
+
+    `on_refused()`, if given, is called once when the first connection attempt is refused
+    before any handshake succeeded: nothing listens at `address`, so waiting out a
+    handshake timeout would only delay the inevitable. (ZMQ itself would keep retrying
+    silently.) Learned from a ZMQ socket monitor, watched only until the first handshake."""
 
     def __init__(self, ctx: zmq.Context, address: str, identity: bytes,
-                 on_message: Callable[[m.Message], None]) -> None:
+                 on_message: Callable[[m.Message], None], on_refused: Callable[[], None] | None = None) -> None:
         super().__init__(ctx, zmq.DEALER)
+        self._mon: zmq.Socket | None = None
+        self._mon_fd: int | None = None
+        self._on_refused = on_refused
         try:
             self._sock.setsockopt(zmq.IDENTITY, identity)
+            if on_refused is not None:
+                where = f"inproc://pdxfer-control-monitor-{id(self)}"
+                self._sock.monitor(where, zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                self._mon = ctx.socket(zmq.PAIR, socket_class=zmq.Socket)
+                self._mon.setsockopt(zmq.LINGER, 0)
+                self._mon.connect(where)
             self._sock.connect(address)
         except zmq.ZMQError:
+            self._stop_monitor()
             self._sock.close(linger=0)
             raise
         self.address = address
         self._on_message = on_message
         self._backlog: deque[tuple[float, bytes]] = deque()
         self._attach()
+        if self._mon is not None:
+            assert self._loop is not None
+            self._mon_fd = self._mon.getsockopt(zmq.FD)
+            self._loop.add_reader(self._mon_fd, self._pump_monitor)
+            self._loop.call_soon(self._pump_monitor)  # events from before the reader existed
+
+    def _pump_monitor(self) -> None:
+        """Drain monitor events (to EAGAIN: the FD is edge-triggered like any ZMQ FD)."""
+        mon = self._mon
+        while mon is not None and not self._closed:
+            try:
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                self._stop_monitor()
+                return
+            try:
+                event = parse_monitor_message(frames)["event"]
+            except Exception:  # noqa: BLE001 - a malformed monitor frame is not worth a crash
+                continue
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._stop_monitor()  # connected: liveness is the layer above's job from here
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                callback, self._on_refused = self._on_refused, None
+                self._stop_monitor()
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("control_on_refused_failed", peer=self.address)
+            mon = self._mon
+
+    def _stop_monitor(self) -> None:
+        if self._mon is None:
+            return
+        if self._mon_fd is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._mon_fd)
+        self._mon_fd = None
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the socket is closing anyway
+        self._mon.close(linger=0)
+        self._mon = None
 
     def _peer_name(self) -> str:
         return self.address
@@ -396,6 +457,10 @@ class ControlClient(_Endpoint):
         n = len(self._backlog)
         self._backlog.clear()
         return n
+
+    def _shutdown(self) -> None:
+        self._stop_monitor()
+        super()._shutdown()
 
     async def close(self) -> None:
         self._shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
+import socket
 import threading
 import time
 
@@ -108,35 +109,53 @@ def test_deadline_while_queued_names_the_state_and_frees_everything(make_receive
     _eventually(lambda: s.budget_used == 0)
 
 
-def test_unreachable_receiver_fails_with_peer_lost(make_sender, backend):
+@pytest.fixture
+def hung_receiver():
+    """An address that accepts TCP connections and then never says a word (a hung host)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        yield f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_unreachable_receiver_fails_with_peer_lost(make_sender, backend, hung_receiver):
     s = make_sender(handshake_timeout_s=0.3, backend=backend)
-    fut = s.submit("tcp://127.0.0.1:9", "nowhere", [b"x" * 100], deadline_s=10)
+    fut = s.submit(hung_receiver, "nowhere", [b"x" * 100], deadline_s=10)
     with pytest.raises(PeerLost) as info:
         fut.result(10)
-    assert info.value.waiting_for == "hello"
+    assert info.value.waiting_for == "hello" and "no HELLO reply" in str(info.value)
     assert s.budget_used == 0
 
 
-def test_full_budget_is_backpressure_with_a_deadline(make_sender):
+def test_refused_connection_fails_at_once_not_after_the_handshake_timeout(make_sender, backend):
+    """Nothing listens there: the refusal itself ends the lane (ZMQ alone would retry
+    silently until handshake_timeout_s, 60 s here)."""
+    s = make_sender(handshake_timeout_s=60, backend=backend)
+    fut = s.submit("tcp://127.0.0.1:9", "refused", [b"x" * 100], deadline_s=120)
+    with pytest.raises(PeerLost, match="refused the connection") as info:
+        fut.result(30)
+    assert info.value.waiting_for == "hello" and info.value.peer == "tcp://127.0.0.1:9"
+    _eventually(lambda: s.budget_used == 0)
+
+
+def test_full_budget_is_backpressure_with_a_deadline(make_sender, hung_receiver):
     s = make_sender(memory_budget=1 << 20, handshake_timeout_s=5)
-    h = s.open("tcp://127.0.0.1:9", "stuck", Payload((1 << 20, 1 << 20)))
+    h = s.open(hung_receiver, "stuck", Payload((1 << 20, 1 << 20)))
     h.put(0, bytes(1 << 20))
     with pytest.raises(Backpressure) as info:
         h.put(1, bytes(1 << 20), timeout=0.2)
     assert info.value.waiting_for == "send_budget"
     with pytest.raises(ValueError, match="never fit"):
-        s.open("tcp://127.0.0.1:9", "huge", Payload((2 << 20,))).put(0, bytes(2 << 20))
+        s.open(hung_receiver, "huge", Payload((2 << 20,))).put(0, bytes(2 << 20))
 
 
-def test_bad_input_is_named(make_sender):
+def test_bad_input_is_named(make_sender, hung_receiver):
     s = make_sender()
-    h = s.open("tcp://127.0.0.1:9", "bad", Payload((10, 10)))
+    h = s.open(hung_receiver, "bad", Payload((10, 10)))
     with pytest.raises(ValueError, match="chunk 0 has 3 bytes"):
         h.put(0, b"abc")
     with pytest.raises(IndexError, match="chunk index 5"):
         h.put(5, b"x" * 10)
     with pytest.raises(ValueError, match="already in flight"):
-        s.open("tcp://127.0.0.1:9", "bad", Payload((1,)))
+        s.open(hung_receiver, "bad", Payload((1,)))
     h.abort()
 
 

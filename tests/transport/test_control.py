@@ -588,3 +588,43 @@ def test_bind_or_connect_failure_leaves_no_socket_open(run):
     hung, logs, loop_errors = run(body)
     assert not hung
     assert not _errors(logs) and not loop_errors
+
+
+def test_refused_connection_is_reported_once_and_the_monitor_goes_away(run):
+    async def body(ctx):
+        loop = asyncio.get_running_loop()
+        refused = loop.create_future()
+        client = ControlClient(ctx, "tcp://127.0.0.1:9", b"p", lambda msg: None,
+                               on_refused=lambda: refused.set_result(True))  # nobody there
+        await asyncio.wait_for(refused, 10)
+        await asyncio.sleep(0.3)  # ZMQ keeps retrying: the callback must not run again
+        mon_fd_gone = client._mon is None and client._mon_fd is None
+        await client.close()
+        return mon_fd_gone
+
+    gone, logs, loop_errors = run(body)
+    assert gone and not _errors(logs) and not loop_errors
+
+
+def test_connected_client_stops_watching_and_never_reports_refusal(run):
+    async def body(ctx):
+        got: asyncio.Queue = asyncio.Queue()
+        server = ControlServer(ctx, "tcp://127.0.0.1:0", lambda ident, msg: server.send(ident, m.HeartbeatAck(cid=msg.cid)))
+        server.start()
+        called = []
+        client = ControlClient(ctx, server.address, b"p", got.put_nowait, on_refused=lambda: called.append(1))
+        client.send(m.Heartbeat(cid=7))
+        reply = await asyncio.wait_for(got.get(), 10)
+        for _ in range(200):  # the handshake event may trail the first reply slightly
+            if client._mon is None:
+                break
+            await asyncio.sleep(0.01)
+        watching = client._mon is not None
+        await server.close()  # the peer goes away after connecting: not a refusal to report
+        await asyncio.sleep(0.5)
+        await client.close()
+        return reply, watching, called
+
+    (reply, watching, called), logs, loop_errors = run(body)
+    assert isinstance(reply, m.HeartbeatAck) and reply.cid == 7
+    assert not watching and not called and not _errors(logs) and not loop_errors
