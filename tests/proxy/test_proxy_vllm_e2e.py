@@ -12,8 +12,8 @@ Needs: vllm importable by ``$PDXFER_VLLM_PYTHON`` (default: this interpreter) an
 from __future__ import annotations
 
 import asyncio
-import os
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -244,6 +244,17 @@ def test_decode_killed_mid_stream(
     try:
         proxy.start()
         proxy.wait_ready()
+        # Round robin over the routable workers: until the proxy's first probe of the spare
+        # came back, stream 0 would go to the other worker (and so would stream 1). An idle
+        # server on this VM can take seconds to answer (page reclaim), so wait for "up".
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(proxy.url + "/health", timeout=5) as r:  # noqa: S310
+                states = {b["url"]: b["state"] for b in json.loads(r.read())["decode"]}
+            if states == {spare.url: "up", d.url: "up"}:
+                break
+            assert time.monotonic() < deadline, f"decode workers not both up: {states}"
+            time.sleep(0.1)
         n_tokens = 1500
         progress = [0, 0]
         outcome: list[Any] = [None, None]
