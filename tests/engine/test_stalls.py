@@ -9,6 +9,7 @@ two requests that were about to complete."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import time
@@ -117,3 +118,50 @@ def test_a_hung_receiver_is_still_declared_lost(receiver_proc, make_sender):
     finally:
         rx.signal(signal.SIGCONT)
     assert s.budget_used == 0
+
+
+def test_a_long_transfer_does_not_hold_the_senders_loop(make_receiver, make_sender, backend, monkeypatch):
+    """The send loop hands the event loop back every YIELD_AFTER_CHUNKS chunks at most.
+    A NIXL post returns at once and a hash on the loop never suspends, so without that a
+    whole transfer ran in one loop turn: GRANTs and DONEs of other lanes, heartbeats and
+    WRITE completions all waited behind it. Probe: a callback queued on the loop when
+    the first chunk goes out must run before the transfer's last chunk does."""
+    from pdxfer.engine import lane as lane_mod
+    from pdxfer.transport import tcp
+
+    handed: list[int] = []
+    probe_saw: list[int] = []
+
+    def note(index: int) -> None:
+        handed.append(index)
+        if index == 0:
+            asyncio.get_running_loop().call_soon(lambda: probe_saw.append(len(handed)))
+
+    if backend == "nixl":
+        from pdxfer.transport import nixl
+
+        orig_nixl = nixl.NixlDataClient.send_chunk
+
+        def nixl_send(self, **kw):
+            note(kw["index"])
+            return orig_nixl(self, **kw)
+
+        monkeypatch.setattr(nixl.NixlDataClient, "send_chunk", nixl_send)
+    else:
+        orig_tcp = tcp.DataClient.send_chunk
+
+        async def tcp_send(self, slot, index, offset, payload, checksum):
+            note(index)
+            await orig_tcp(self, slot, index, offset, payload, checksum)
+
+        monkeypatch.setattr(tcp.DataClient, "send_chunk", tcp_send)
+    n = 4 * lane_mod.YIELD_AFTER_CHUNKS
+    r = make_receiver(capacity=64 << 20)
+    s = make_sender(backend=backend)
+    chunks = [bytes([i % 251]) * 16384 for i in range(n)]
+    fut = s.submit(r.control_address, "long", chunks)
+    with r.wait("long", timeout=20) as got:
+        assert bytes(got.view) == b"".join(chunks)
+    fut.result(10)
+    assert handed == list(range(n))
+    assert probe_saw and probe_saw[0] <= lane_mod.YIELD_AFTER_CHUNKS + 1, probe_saw
