@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-on-stdin-eof", action="store_true")
     p.add_argument("--backends", default="tcp,nixl",
                    help="data paths to accept, comma-separated (nixl: only where the nixl package imports)")
+    p.add_argument("--recv-piece", type=parse_size, default=None,
+                   help="TCP: receive and hash payloads in pieces of at most this size (default 256KiB)")
     p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
     p.add_argument("--nixl-max-sleep-us", type=float, default=None, help="NIXL progress: longest backoff sleep")
 
@@ -40,9 +42,16 @@ def run(args: argparse.Namespace) -> int:
         nixl_tuning["nixl_spin_s"] = args.nixl_spin_us / 1e6
     if args.nixl_max_sleep_us is not None:
         nixl_tuning["nixl_max_sleep_s"] = args.nixl_max_sleep_us / 1e6
-    cfg = ReceiverConfig(capacity=args.capacity, host=args.host, control_port=args.control_port,
-                         data_port=args.data_port, lease_s=args.lease, token=args.token,
-                         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()), **nixl_tuning)
+    if args.recv_piece is not None:
+        nixl_tuning["recv_piece_bytes"] = args.recv_piece
+    try:
+        cfg = ReceiverConfig(capacity=args.capacity, host=args.host, control_port=args.control_port,
+                             data_port=args.data_port, lease_s=args.lease, token=args.token,
+                             backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                             **nixl_tuning)
+    except ValueError as exc:  # a setting out of range: say which, no traceback
+        print(f"pdxfer receiver: {exc}", file=sys.stderr)
+        return 2
     stats = {"transfers": 0, "bytes": 0, "verified": 0, "mismatched": []}
     stop = threading.Event()
 

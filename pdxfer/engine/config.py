@@ -91,6 +91,9 @@ class ReceiverConfig:
     lease_s: float = 10.0  # a granted transfer with no traffic/heartbeat for this long is reclaimed
     claim_timeout_s: float = 60.0  # a delivered transfer nobody waits for is reclaimed after this
     alignment: int = 4096
+    # TCP: a chunk's payload is received, and hashed, in pieces of at most this many bytes
+    # (pdxfer.protocol.frames.RECV_PIECE_BYTES says why 256 KiB).
+    recv_piece_bytes: int = 256 << 10
     max_queue: int = 100_000
     remember_failures: int = 10_000  # late waiters still learn why a transfer failed
     # Data paths this receiver accepts. "nixl" costs nothing until a NIXL sender says HELLO:
@@ -113,6 +116,8 @@ class ReceiverConfig:
             raise ValueError(f"ReceiverConfig.capacity must be > 0, got {self.capacity}")
         if self.nixl_quarantine_s < 0:
             raise ValueError(f"ReceiverConfig.nixl_quarantine_s must be >= 0, got {self.nixl_quarantine_s}")
+        if self.recv_piece_bytes < 4096:
+            raise ValueError(f"ReceiverConfig.recv_piece_bytes must be >= 4096, got {self.recv_piece_bytes}")
         for name in ("lease_s", "claim_timeout_s", "nixl_setup_timeout_s", "nixl_max_sleep_s", "nixl_peer_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ReceiverConfig.{name} must be > 0, got {getattr(self, name)}")

@@ -118,7 +118,7 @@ class Receiver:
         sink = _Sink()
 
         def factory() -> DataServerProtocol:
-            p = DataServerProtocol(sink)
+            p = DataServerProtocol(sink, self.config.recv_piece_bytes)
             self._conns.add(p)
             return p
 

@@ -32,6 +32,12 @@ DATA_VERSION = 1
 KIND_DATA = 1
 KIND_HELLO = 2
 _DISCARD_BYTES = 1 << 20
+# Largest piece a payload is received (and hashed) in. Measured here (2 vCPUs, loopback,
+# 2 MiB chunks): a raw recv_into loop moved 4.8 GB/s in 256 KiB pieces against 3.7 GB/s
+# in whole chunks, and pdxfer's 2 MiB bench ratio went from 0.73-0.76 to 0.81-0.84, with
+# less CPU on both sides: the kernel hands the window back sooner, and each piece is
+# still in L2 when it is hashed.
+RECV_PIECE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +78,10 @@ class ConnectionHello:
 class ChunkReceived:
     """All payload bytes of a frame have landed in the buffer the resolver gave.
 
-    `checksum` is the xxh3-64 of those bytes, computed piece by piece as each
-    `recv_into` completed, while the piece was still in L1/L2 cache: re-reading a
-    2 MiB chunk afterwards cost the receiver ~30% more CPU per GB here."""
+    `checksum` is the xxh3-64 of those bytes, computed piece by piece (at most
+    `max_piece` bytes each) as each `recv_into` completed, while the piece was still in
+    L1/L2 cache: re-reading a 2 MiB chunk afterwards cost the receiver ~30% more CPU per
+    GB here."""
 
     header: FrameHeader
     view: memoryview
@@ -98,8 +105,11 @@ Resolver = Callable[[FrameHeader], Union[memoryview, None]]
 class FrameParser:
     """Per-connection receive state: header → payload → header …, with no copies."""
 
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, max_piece: int = RECV_PIECE_BYTES) -> None:
+        if max_piece < 1:
+            raise ValueError(f"max_piece must be >= 1 byte, got {max_piece}")
         self._resolve = resolve
+        self._max_piece = max_piece
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_view = memoryview(self._hdr)
         self._filled = 0
@@ -117,7 +127,7 @@ class FrameParser:
 
     def get_buffer(self) -> memoryview:
         if self._target is not None:
-            return self._target[self._filled:]
+            return self._target[self._filled : self._filled + self._max_piece]
         if self._remaining:
             if self._discard is None:
                 self._discard = memoryview(bytearray(_DISCARD_BYTES))

@@ -1,8 +1,8 @@
 """TCP data path.
 
 Receive: an `asyncio.BufferedProtocol` whose `get_buffer()` is the frame parser's
-destination, i.e. a slice of the reserved receive buffer, so the kernel copies each
-chunk straight into place (measured here: uvloop + BufferedProtocol ≈ a raw
+destination, i.e. a slice of the reserved receive buffer (at most `recv_piece` bytes at
+a time), so the kernel copies each chunk straight into place (measured here: uvloop + BufferedProtocol ≈ a raw
 `recv_into` loop; stream readers reach ~0.4× of it).
 
 Send: `loop.sock_sendall` on a non-blocking socket with the caller's memoryview; the
@@ -34,12 +34,12 @@ class DataSink(Protocol):
 class DataServerProtocol(asyncio.BufferedProtocol):
     """One inbound data connection; frames and their payloads go to `sink`."""
 
-    def __init__(self, sink: DataSink) -> None:
+    def __init__(self, sink: DataSink, recv_piece: int = f.RECV_PIECE_BYTES) -> None:
         self.sink = sink
         self.conn_token: int | None = None
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
-        self._parser = f.FrameParser(lambda h: sink.resolve(self, h))
+        self._parser = f.FrameParser(lambda h: sink.resolve(self, h), recv_piece)
         self._error: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

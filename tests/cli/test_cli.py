@@ -32,3 +32,9 @@ def test_bad_size_is_a_clear_usage_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["receiver", "--capacity", "lots"])
     assert "not a byte size: 'lots'" in capsys.readouterr().err
+
+
+def test_out_of_range_receiver_setting_is_named_without_a_traceback(capsys):
+    assert cli.main(["receiver", "--recv-piece", "1KiB"]) == 2
+    err = capsys.readouterr().err
+    assert "recv_piece_bytes must be >= 4096" in err and "Traceback" not in err

@@ -30,3 +30,9 @@ def test_ucx_precedence_environment_then_config_then_defaults(monkeypatch):
     assert env["UCX_TLS"] == "tcp,self"  # the environment is never overridden
     assert env["UCX_RNDV_THRESH"] == "8k"  # config fills what the environment left open
     assert env["UCX_NET_DEVICES"] == UCX_DEFAULTS["UCX_NET_DEVICES"]  # defaults fill the rest
+
+
+def test_receive_piece_size_is_validated():
+    assert ReceiverConfig().recv_piece_bytes == 256 << 10
+    with pytest.raises(ValueError, match="recv_piece_bytes"):
+        ReceiverConfig(recv_piece_bytes=100)

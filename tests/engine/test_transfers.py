@@ -194,3 +194,15 @@ def test_only_the_handle_that_claimed_a_transfer_releases_it(make_receiver, make
     assert r.ledger().reserved_bytes > 0 and bytes(got.view[:1]) == b"n"
     got.release()
     _eventually(lambda: r.ledger().reserved_bytes == 0)
+
+
+def test_small_receive_pieces_still_land_every_byte_verified(make_receiver, make_sender):
+    """TCP payloads land in pieces of at most recv_piece_bytes (hashed as each lands);
+    a piece far smaller than a chunk changes nothing the caller can see."""
+    r, s = make_receiver(recv_piece_bytes=4096), make_sender()
+    chunks = [os.urandom(n) for n in (1, 4095, 4097, 3 << 20)]
+    fut = s.submit(r.control_address, "t-pieces", chunks)
+    with r.wait("t-pieces", timeout=10) as got:
+        assert [bytes(got.chunk(i)) for i in range(4)] == chunks
+    assert fut.result(10).nbytes == sum(map(len, chunks))
+    _eventually(lambda: r.ledger().reserved_bytes == 0)

@@ -81,3 +81,31 @@ def test_mid_frame_reports_truncation():
     data = _stream([(1, 0, b"abcdef")])
     _feed(parser, data[:-2], [])
     assert parser.mid_frame
+
+
+@given(payloads=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=4),
+       piece=st.integers(min_value=1, max_value=700))
+def test_payload_is_handed_out_in_pieces_of_at_most_max_piece(payloads, piece):
+    """The receive side lands (and hashes) a payload in bounded pieces, so each piece is
+    still in cache when it is hashed; the bytes and checksums are the same as unbounded."""
+    dests = {i: bytearray(len(p)) for i, p in enumerate(payloads)}
+    parser = f.FrameParser(lambda h: memoryview(dests[h.chunk_index]), max_piece=piece)
+    data = _stream([(1, i, p) for i, p in enumerate(payloads)])
+    events, pos, sizes = [], 0, []
+    while pos < len(data):
+        buf = parser.get_buffer()
+        if parser._target is not None:
+            sizes.append(len(buf))
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        events += parser.buffer_updated(n)
+        pos += n
+    assert sizes and max(sizes) <= piece
+    got = [e for e in events if isinstance(e, f.ChunkReceived)]
+    assert [bytes(dests[e.header.chunk_index]) for e in got] == payloads
+    assert all(e.checksum == chunk_checksum(p) == e.header.checksum for e, p in zip(got, payloads))
+
+
+def test_max_piece_must_be_positive():
+    with pytest.raises(ValueError, match="max_piece"):
+        f.FrameParser(lambda h: None, max_piece=0)
