@@ -1,9 +1,9 @@
 """`Sender`: the prefill side's handle on pdxfer.
 
 The engine thread calls `open()` / `put()` / `submit()`; they return at once (put()
-waits only when the memory budget is full, with a deadline), the checksum of each chunk
-is computed in the caller's thread, and everything that touches the network runs on
-the sender's own uvloop thread. Results come back as `concurrent.futures.Future`s:
+waits only when the memory budget is full, with a deadline); hashing each chunk and
+everything that touches the network runs on the sender's own uvloop thread (see
+SenderConfig.checksum_on_put / hash_ahead for the alternatives). Results come back as `concurrent.futures.Future`s:
 `.result(timeout)` from sync code, `await asyncio.wrap_future(f)` from asyncio code.
 
 With `backend="nixl"` the Sender creates one NIXL agent (and its progress thread) on the
