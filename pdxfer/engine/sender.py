@@ -29,6 +29,7 @@ from pdxfer.errors import Backpressure, PdxferError, TransferAborted
 from pdxfer.layout.payload import Payload
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
+from pdxfer.protocol.states import OutState
 from pdxfer.sendq import MemoryBudget
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pdxfer.sender")
 
 __all__ = ["Sender", "OutboundHandle", "TransferResult"]
+
+_BEFORE_GRANT = (OutState.WAITING_PEER, OutState.RESERVING, OutState.QUEUED)
 
 
 def as_bytes_view(buf: Any) -> memoryview:
@@ -293,6 +296,11 @@ class Sender:
         if ctx.out.terminal or lane is None:
             self._budget.release(view.nbytes)
             return
+        if checksum is None and index == 0 and ctx.out.state in _BEFORE_GRANT:
+            # The first chunk is what the send waits for once the GRANT arrives: hash it
+            # now, while the loop has nothing to do but wait for that GRANT (~0.2 ms per
+            # 2 MiB taken off every transfer's start).
+            checksum = chunk_checksum(view)
         try:
             ctx.out.add_chunk(index, view, checksum)
         except ValueError as exc:

@@ -16,7 +16,7 @@ MODES = {
     "put": {"checksum_on_put": True},
     "ahead-1": {"hash_ahead": 1, "hash_ahead_min_bytes": 0},
     "ahead-3": {"hash_ahead": 3, "hash_ahead_min_bytes": 0},
-    "default": {},  # 64 KiB chunks: below hash_ahead_min_bytes, hashed on the send loop
+    "default": {},  # hashed on the send loop (chunk 0 while the GRANT is awaited)
     "send-loop": {"hash_ahead": 0},
 }
 
@@ -65,3 +65,23 @@ def test_checksum_on_put_catches_a_buffer_changed_before_it_was_sent(make_receiv
     with pytest.raises(IntegrityError):
         r.wait("changed", timeout=5)  # the consumer learns why; it never gets the bytes
     _eventually(lambda: s.budget_used == 0 and r.ledger().reserved_bytes == 0)
+
+
+def test_first_chunk_is_hashed_while_the_grant_is_awaited(make_receiver, make_sender, backend):
+    """Chunk 0 is what the send waits for once the GRANT comes, so the loop hashes it
+    while it waits; the bytes still arrive verified once room frees up."""
+    r = make_receiver(capacity=1 << 20)
+    s = make_sender(backend=backend)
+    hog = s.open(r.control_address, "hog", Payload.uniform(1 << 20, 1 << 20), deadline_s=30)
+    _eventually(lambda: r.ledger().reserved_bytes == 1 << 20)  # granted, never filled
+    chunks = [os.urandom(300_000), os.urandom(200_000)]
+    h = s.open(r.control_address, "waiter", Payload.of(chunks), deadline_s=30)
+    h.put(0, chunks[0])
+    _eventually(lambda: r.ledger().waiting_count == 1)
+    _eventually(lambda: h._ctx.out._checksums[0] is not None)  # hashed before any GRANT
+    assert h._ctx.out.state.value == "queued" and h._ctx.out._checksums[1] is None
+    h.put(1, chunks[1])
+    hog.abort("make room")
+    with r.wait("waiter", timeout=10) as got:
+        assert [bytes(got.chunk(i)) for i in range(2)] == chunks
+    h.future.result(10)
