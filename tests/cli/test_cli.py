@@ -3,8 +3,18 @@ import subprocess
 import sys
 
 import pytest
+import structlog
 
 from pdxfer import cli
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main() configures structlog to print to the sys.stderr of that moment, which
+    under pytest is this test's capture file, closed once the test ends: every later
+    log line in the session would then fail with 'I/O operation on closed file'."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_every_command_is_listed():
