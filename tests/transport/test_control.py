@@ -6,6 +6,7 @@ at error level or above and that the loop saw no unhandled exception."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from typing import Awaitable, Callable
@@ -104,7 +105,7 @@ class Inbox:
         return self.msgs
 
 
-def echo_server(ctx: zmq.Context, calls: list | None = None) -> ControlServer:
+def echo_server(ctx: zmq.Context, calls: list | None = None, bind: str = "tcp://127.0.0.1:0") -> ControlServer:
     """Answers HEARTBEAT with HEARTBEAT_ACK and RESERVE with GRANT, echoing the cid."""
     server: ControlServer
 
@@ -116,7 +117,7 @@ def echo_server(ctx: zmq.Context, calls: list | None = None) -> ControlServer:
         elif isinstance(msg, m.Reserve):
             server.send(identity, m.Grant(cid=msg.cid, tid=msg.tid, slot=msg.cid, lease_ms=1000))
 
-    server = ControlServer(ctx, "tcp://127.0.0.1:0", handler)
+    server = ControlServer(ctx, bind, handler)
     server.start()
     return server
 
@@ -350,13 +351,19 @@ def test_many_outstanding_messages_arrive_in_order(run, monkeypatch, hwm):
     n = 20_000
 
     async def body(ctx):
-        server = echo_server(ctx)
+        # The clients connect before anything listens, so nothing drains their queues
+        # during the burst: with the small high-water mark both must spill into their
+        # backlogs, whatever the kernel's loopback buffers would have absorbed.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            address = "tcp://127.0.0.1:%d" % probe.getsockname()[1]
         inboxes = [Inbox(), Inbox()]
-        clients = [ControlClient(ctx, server.address, f"p{i}".encode(), ib) for i, ib in enumerate(inboxes)]
+        clients = [ControlClient(ctx, address, f"p{i}".encode(), ib) for i, ib in enumerate(inboxes)]
         for cid in range(1, n + 1):  # one burst: the loop never runs in between
             for c in clients:
                 c.send(_reserve(cid))
         backlogged = [len(c._backlog) for c in clients]
+        server = echo_server(ctx, bind=address)
         for ib in inboxes:
             await ib.wait_for(n, timeout=15)
         for c in clients:
