@@ -1,7 +1,7 @@
 """Sender and Receiver façades: an asyncio core on its own uvloop thread."""
 
 from pdxfer.engine.config import ReceiverConfig, SenderConfig
-from pdxfer.engine.lane import TransferResult
+from pdxfer.engine.outctx import TransferResult
 from pdxfer.engine.receiver import ReceivedTransfer, Receiver
 from pdxfer.engine.sender import OutboundHandle, Sender
 

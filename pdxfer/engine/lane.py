@@ -28,20 +28,19 @@ import functools
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import structlog
 import zmq.asyncio
 
-from pdxfer.errors import (
-    AdmissionRejected, IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError,
-    RejectReason, TransferAborted, TransferTimeout,
-)
+from pdxfer.errors import PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout
 from pdxfer.protocol import messages as m
-from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutEvent, OutState
+from pdxfer.engine.liveness import Liveness
+from pdxfer.engine.outctx import OutCtx, TransferResult
 from pdxfer.engine.outgoing import Outgoing
+from pdxfer.engine.replies import failure_error, rejection_error
+from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.sendq import MemoryBudget, PeerQueue, SendItem
 from pdxfer.sendq.holdings import Holdings
 from pdxfer.sendq.restore import Restored
@@ -55,42 +54,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pdxfer.sender")
 
 # The send loop hands the event loop back at least this often. A chunk whose hash runs on
-# the loop (NIXL lanes, small TCP chunks) and whose send never has to wait (NIXL posts
+# the loop (the default) and whose send never has to wait (NIXL posts
 # return at once; a TCP socket with room takes the whole chunk) never suspends the loop:
 # without this, one large transfer held the loop for its whole length (32 × 2 MiB: 12 ms
 # measured; 1 GiB would be ~150 ms), delaying every other lane's GRANTs and DONEs, the
 # heartbeats, and the WRITE completions that give budget back to put().
 YIELD_AFTER_S = 1e-3
 YIELD_AFTER_CHUNKS = 64
-
-_RECEIVER_ERRORS: dict[str, type[PdxferError]] = {
-    "integrity": IntegrityError,
-    "lease_expired": LeaseExpired,
-    "deadline": TransferTimeout,
-    "protocol": ProtocolError,
-}
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    transfer_id: str
-    peer: str
-    nbytes: int
-    chunks: int
-    seconds: float  # submit to DONE
-    granted_after: float  # submit to GRANT: time spent waiting for receiver room
-
-
-@dataclass
-class OutCtx:
-    out: OutboundTransfer
-    future: "concurrent.futures.Future[TransferResult]"
-    deadline: float
-    started: float
-    log: Any
-    timer: asyncio.TimerHandle | None = None
-    granted_at: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Lane:
@@ -118,7 +88,7 @@ class Lane:
         self._early_aborts: list[tuple[str, str]] = []
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
         self._hello.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if unawaited
-        self._unanswered_since: float | None = None  # first heartbeat sent since the last reply
+        self._liveness = Liveness(cfg.peer_timeout_s)
         self.data: DataClient | NixlDataClient | None = None
         self.backend = cfg.backend
         self._nixl_side = nixl_side
@@ -268,29 +238,25 @@ class Lane:
             self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
 
     async def _heartbeat_loop(self) -> Exception:
-        """The receiver is lost when a heartbeat stays unanswered (no message at all comes
-        back) for `peer_timeout_s`. Counting from the unanswered heartbeat, not from the
-        last reply, keeps a stall of this process (engine holding the GIL, CPU starvation)
-        from being blamed on the peer: nothing was asked of it meanwhile."""
+        """Heartbeats while transfers are in flight; the peer is lost by `Liveness`'s rule."""
+        alive = self._liveness
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             now = self._loop.time()
             if not self.transfers:
-                self._unanswered_since = None
+                alive.idle()
                 continue
-            if self._unanswered_since is not None and now - self._unanswered_since > self.cfg.peer_timeout_s:
-                if self.control.drain():
-                    # The answer was waiting unread: uvloop runs due timers before it polls
-                    # for I/O, so after a stall of ours this check can run first.
-                    log.info("lane_reply_was_unread", peer=self.address,
-                             waited_s=round(now - self._unanswered_since, 3))
-            if self._unanswered_since is not None and now - self._unanswered_since > self.cfg.peer_timeout_s:
-                waited = now - self._unanswered_since
+            waited = alive.overdue(now)
+            if waited is not None and self.control.drain():
+                # The answer was waiting unread: uvloop runs due timers before it polls
+                # for I/O, so after a stall of ours this check can run first.
+                log.info("lane_reply_was_unread", peer=self.address, waited_s=round(waited, 3))
+                waited = alive.overdue(now)
+            if waited is not None:
                 return PeerLost(f"no reply from the receiver for {waited:.2f}s after a heartbeat "
                                 f"(> {self.cfg.peer_timeout_s}s)", peer=self.address, waiting_for="heartbeat_ack")
             self.control.send(m.Heartbeat(cid=next(self._cids)))
-            if self._unanswered_since is None:
-                self._unanswered_since = now
+            alive.sent(now)
 
     async def _close(self, err: Exception | None) -> None:
         self.state = "dead"
@@ -341,7 +307,7 @@ class Lane:
                                                peer=self.address, waiting_for="hello"))
 
     def _on_message(self, msg: m.Message) -> None:
-        self._unanswered_since = None
+        self._liveness.heard()
         if isinstance(msg, m.HelloOk):
             if msg.cid == self._hello_cid and not self._hello.done():
                 self._hello.set_result(msg)
@@ -378,25 +344,13 @@ class Lane:
             ctx.granted_at = self._loop.time()
             self.chunks_ready(ctx)
         elif isinstance(msg, m.Reject):
-            try:
-                reason = RejectReason(msg.reason)
-            except ValueError:
-                reason = RejectReason.BAD_REQUEST
-            err: PdxferError
-            if reason is RejectReason.QUEUE_TIMEOUT:  # our own deadline, which the receiver saw pass first
-                err = TransferTimeout(f"deadline passed in state {out.state.value} (receiver: {msg.detail})",
-                                      transfer_id=out.tid, peer=self.address, waiting_for=out.state.value)
-            else:
-                err = AdmissionRejected(f"receiver rejected: {msg.detail}", reason=reason,
-                                        transfer_id=out.tid, peer=self.address)
-            self.fail(ctx, err, notify_peer=False)
+            self.fail(ctx, rejection_error(msg, tid=out.tid, state=out.state.value, peer=self.address),
+                      notify_peer=False)
         elif isinstance(msg, m.Done):
             out.on(OutEvent.RECV_DONE)
             self._finish(ctx)
         elif isinstance(msg, m.Failed):
-            cls = _RECEIVER_ERRORS.get(msg.error, TransferAborted)
-            self.fail(ctx, cls(f"receiver failed the transfer ({msg.error}): {msg.detail}",
-                               transfer_id=out.tid, peer=self.address), notify_peer=False)
+            self.fail(ctx, failure_error(msg, tid=out.tid, peer=self.address), notify_peer=False)
 
     def _forget(self, ctx: OutCtx) -> None:
         self.transfers.pop(ctx.out.tid, None)

@@ -23,7 +23,8 @@ import structlog
 import zmq.asyncio
 
 from pdxfer.engine.config import SenderConfig
-from pdxfer.engine.lane import Lane, OutCtx, TransferResult
+from pdxfer.engine.lane import Lane
+from pdxfer.engine.outctx import OutCtx, TransferResult
 from pdxfer.engine.runtime import LoopThread
 from pdxfer.errors import Backpressure, PdxferError, TransferAborted
 from pdxfer.layout.payload import Payload

@@ -37,7 +37,7 @@ from pdxfer.units import format_size
 
 if TYPE_CHECKING:
     from pdxfer.engine.config import SenderConfig
-    from pdxfer.engine.lane import OutCtx
+    from pdxfer.engine.outctx import OutCtx
     from pdxfer.engine.runtime import LoopThread
 
 log = structlog.get_logger("pdxfer.spill")
