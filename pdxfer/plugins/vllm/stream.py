@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.meta import StepMeta, StreamSpec, chunk_ranges
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class StreamingMixin:
     """The prefill worker's streaming half; `WorkerSide` provides the state used here."""
 
     packer: "Packer | None"
-    counters: dict[str, int]
+    counters: Counters
     _streams: dict[str, _Stream]
     _in_flight: dict[str, tuple[Any, list[torch.Tensor]]]
 
@@ -79,7 +80,7 @@ class StreamingMixin:
         while st.next < len(st.ranges) and st.ranges[st.next][1] <= ready:
             a, b = st.ranges[st.next]
             if s.done < s.total:
-                self.counters["streamed_early"] += 1  # packed while the prefill still runs
+                self.counters.inc("streamed_early")  # packed while the prefill still runs
             c = self.packer.pack(tables, a, b)
             self._in_flight[s.transfer_id][1].append(c)
             st.handle.put(st.next, c.numpy())

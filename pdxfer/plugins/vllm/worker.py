@@ -32,6 +32,7 @@ from pdxfer.engine import Receiver, ReceiverConfig, Sender, SenderConfig
 from pdxfer.layout.payload import Payload
 from pdxfer.pack import Packer
 from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta, chunk_ranges
+from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.cpu_layout import cpu_attn_views
 from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
 from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
@@ -77,8 +78,8 @@ class WorkerSide(StreamingMixin):
         self._jobs: dict[str, _RecvJob] = {}  # decode req id -> receive
         self._load_errors: set[int] = set()
         self.whole_blocks = False
-        self.counters = {"sent": 0, "send_failed": 0, "expired": 0, "dropped": 0, "received": 0, "recv_failed": 0,
-                         "streamed_early": 0}
+        self.counters = Counters("sent", "send_failed", "expired", "dropped", "received", "recv_failed",
+                                 "streamed_early")
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, kv_caches: Mapping[str, Any], kv_cache_config: Any) -> None:
@@ -151,7 +152,7 @@ class WorkerSide(StreamingMixin):
                     del self._held[tid]
                     self._forget(tid, "expired")
                     self._done_sending.add(s.req_id)
-                    self.counters["expired"] += 1
+                    self.counters.inc("expired")
             sending, self._done_sending = self._done_sending, set()
         recving: set[str] = set()
         failed: set[str] = set()
@@ -229,10 +230,10 @@ class WorkerSide(StreamingMixin):
         if error:
             _release_when_done(job.wait)
             log.error("pdxfer_recv_failed", request_id=spec.req_id, transfer_id=spec.transfer_id, error=error)
-            self.counters["recv_failed"] += 1
+            self.counters.inc("recv_failed")
             self._mark_load_error(spec)
             return error
-        self.counters["received"] += 1
+        self.counters.inc("received")
         return ""
 
     def _unpack(self, spec: RecvSpec, received: Any) -> str:
@@ -279,7 +280,7 @@ class WorkerSide(StreamingMixin):
                 if s is not None:
                     self._forget(tid, "dropped")
                     self._done_sending.add(s.req_id)
-                    self.counters["dropped"] += 1
+                    self.counters.inc("dropped")
             return {"ok": True, "held": s is not None}
         if op == "push":
             return self._push(tid, str(msg.get("receiver")), int(msg.get("t0", 0)), msg.get("t1"))
@@ -328,7 +329,7 @@ class WorkerSide(StreamingMixin):
             tables = [list(g) for g in spec.block_ids]
             packed = [self.packer.pack(tables, a, b) for a, b in chunk_ranges(t0, t1, self.block_size)]
         except Exception as exc:  # noqa: BLE001
-            self.counters["send_failed"] += 1
+            self.counters.inc("send_failed")
             return {"ok": False, "error": f"pack failed: {exc}"}
         finally:
             with self._lock:  # bytes are out of the blocks (or never will be): free them
@@ -351,7 +352,7 @@ class WorkerSide(StreamingMixin):
         try:
             handle = self.sender.open(peer, tid, Payload(tuple(sizes)))
         except Exception as exc:  # noqa: BLE001
-            self.counters["send_failed"] += 1
+            self.counters.inc("send_failed")
             return f"open failed: {exc}"
         self._in_flight[tid] = (handle, [])
         handle.future.add_done_callback(lambda f: self._sent(tid, f))
@@ -361,9 +362,9 @@ class WorkerSide(StreamingMixin):
         self._in_flight.pop(tid, None)
         exc = fut.exception()
         if exc is None:
-            self.counters["sent"] += 1
+            self.counters.inc("sent")
         else:
-            self.counters["send_failed"] += 1
+            self.counters.inc("send_failed")
             log.warning("pdxfer_send_failed", transfer_id=tid, error=repr(exc))
 
     # ------------------------------------------------------------------ observability
@@ -373,7 +374,7 @@ class WorkerSide(StreamingMixin):
             held = len(self._held)
         out: dict[str, Any] = {"held": held, "in_flight": len(self._in_flight), "receiving": len(self._jobs),
                                "streaming": len(self._streams),
-                               "counters": dict(self.counters)}
+                               "counters": self.counters.snapshot()}
         if self.sender is not None:
             out["sender_budget_used"] = self.sender.budget_used
             out["sender_spill"] = self.sender.spill_usage()
