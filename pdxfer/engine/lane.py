@@ -89,6 +89,12 @@ class Lane:
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
         self._hello.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if unawaited
         self._liveness = Liveness(cfg.peer_timeout_s)
+        # Resolved once HELLO and the data path are up; fails with the reason the lane died.
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Kept (Sender.connect): never closed for being idle, and heartbeating while idle so
+        # a receiver that dies or hangs is noticed before a transfer depends on it.
+        self.keep = False
         self.data: DataClient | NixlDataClient | None = None
         self.backend = cfg.backend
         self._nixl_side = nixl_side
@@ -156,6 +162,8 @@ class Lane:
             self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,
                                                  timeout=self.cfg.handshake_timeout_s, peer=self.address)
         self.state = "ready"
+        if not self.ready.done():
+            self.ready.set_result(None)
         log.debug("lane_ready", peer=self.address, receiver=ok.receiver_id, backend=self.backend)
         for tid, reason in self._early_aborts:
             self.control.send(m.Abort(cid=0, tid=tid, reason=reason))
@@ -176,7 +184,7 @@ class Lane:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.cfg.lane_idle_s)
                 except asyncio.TimeoutError:
-                    if not self.transfers:
+                    if not self.transfers and not self.keep:
                         return None  # idle lane: close it, a later submit opens a fresh one
                 slice_start, in_slice = time.monotonic(), 0  # the loop ran while we waited
                 continue
@@ -243,7 +251,7 @@ class Lane:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             now = self._loop.time()
-            if not self.transfers:
+            if not self.transfers and not self.keep:
                 alive.idle()
                 continue
             waited = alive.overdue(now)
@@ -262,6 +270,8 @@ class Lane:
         self.state = "dead"
         self._on_closed(self)
         cause = err or TransferAborted("lane closed", peer=self.address)
+        if not self.ready.done():
+            self.ready.set_exception(cause if isinstance(cause, PdxferError) else PeerLost(str(cause), peer=self.address))
         if self.data is not None:
             # NIXL: WRITEs still in flight finish or fail first (bounded), so every chunk's
             # budget is back before its transfer's future fails.

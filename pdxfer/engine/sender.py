@@ -246,6 +246,35 @@ class Sender:
         self._rt.call(self._begin, ctx, self.config.deadline_s if deadline_s is None else deadline_s)
         return OutboundHandle(self, ctx)
 
+    def connect(self, peer: str, *, keep: bool = True) -> "concurrent.futures.Future[None]":
+        """Set up the lane to `peer` now (HELLO, data connection, NIXL metadata) rather than
+        at the first `open()`, whose transfer would otherwise wait for those round trips.
+        With `keep`, the lane is not closed for being idle and heartbeats while idle, until
+        `close()` or until the peer is lost (a later `open()` then connects afresh). The
+        future resolves once the lane is ready, or fails with why it could not be set up."""
+        if self._closed or not self._started:
+            raise TransferAborted("sender is not running", peer=peer)
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def start() -> None:
+            lane = self._lane(peer)
+            lane.keep = lane.keep or keep
+
+            def relay(f: "asyncio.Future[None]") -> None:
+                if fut.done():
+                    return
+                if f.cancelled():
+                    fut.set_exception(TransferAborted("sender is shutting down", peer=peer))
+                elif f.exception() is not None:
+                    fut.set_exception(f.exception())  # type: ignore[arg-type]
+                else:
+                    fut.set_result(None)
+
+            lane.ready.add_done_callback(relay)
+
+        self._rt.call(start)
+        return fut
+
     def submit(self, peer: str, transfer_id: str, chunks: Sequence[Any], *, deadline_s: float | None = None,
                submit_timeout_s: float | None = None) -> "concurrent.futures.Future[TransferResult]":
         """Send a whole list of chunk buffers as one transfer."""

@@ -203,3 +203,27 @@ def test_timeouts_reach_the_decode_receiver() -> None:
         assert set(w.stats()["receiver_loop_stalls"]) == {"stalls", "worst_s"}
     finally:
         w.shutdown()
+
+
+def test_prefill_connects_to_configured_decode_receivers_at_start() -> None:
+    """Concurrent flow: the lane to each `decode_receivers` entry is up before the first
+    request, so a short prefill's blocks stream instead of waiting for HELLO round trips.
+    A receiver that is not up yet is only logged: the first transfer connects then."""
+    d = WorkerSide(PluginConfig(side_port=free_port()), producer=False, consumer=True)
+    d.register(caches(None), kv_config())
+    assert d.receiver is not None
+    live = d.receiver.control_address
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    p = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2,
+                                decode_receivers={"http://d1:8001": live, "http://d2:8001": nowhere}),
+                   producer=True, consumer=False)
+    p.register(caches(1), kv_config())
+    try:
+        assert p.sender is not None
+        lanes = p.sender._lanes
+        wait_for(lambda: live in lanes and lanes[live].state == "ready")
+        assert lanes[live].keep and not lanes[live].transfers  # set up with no request in sight
+        wait_for(lambda: nowhere not in lanes)  # refused: that lane is gone, nothing raised
+    finally:
+        p.shutdown()
+        d.shutdown()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,13 @@ def _release_when_done(fut: "concurrent.futures.Future[Any]") -> None:
         if not f.cancelled() and f.exception() is None:
             f.result().release()
     fut.add_done_callback(_cb)
+
+
+def _preconnected(url: str, address: str, fut: "concurrent.futures.Future[None]") -> None:
+    """A decode receiver that is not up yet is no error: the first transfer to it connects."""
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("pdxfer_preconnect_failed", decode=url, receiver=address, error=repr(exc))
 
 
 class WorkerSide(StreamingMixin):
@@ -100,6 +108,12 @@ class WorkerSide(StreamingMixin):
             self.receiver = Receiver(ReceiverConfig(capacity=self.cfg.receiver_capacity, host=self.cfg.receiver_host,
                                                     control_port=self.cfg.receiver_port,
                                                     lease_s=self.cfg.receiver_lease_s)).start()
+        if self.sender is not None:
+            # Concurrent flow: lanes to the configured decode receivers are set up now, so
+            # the first streamed prefill does not wait for HELLO round trips (under load
+            # those outlasted a short prefill, and its blocks went out only after it ended).
+            for url, address in self.cfg.decode_receivers.items():
+                self.sender.connect(address).add_done_callback(functools.partial(_preconnected, url, address))
         # Both roles listen: the prefill for push/drop requests, either for "stats".
         self.side = SideChannelServer(self.cfg.side_host, self.cfg.side_port + self.rank, self._on_side)
         log.info("pdxfer_vllm_worker_ready", producer=self.producer, consumer=self.consumer,
