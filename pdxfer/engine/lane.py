@@ -54,9 +54,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pdxfer.sender")
 
 # The send loop hands the event loop back at least this often. A chunk whose hash runs on
-# the loop (the default) and whose send never has to wait (NIXL posts
-# return at once; a TCP socket with room takes the whole chunk) never suspends the loop:
-# without this, one large transfer held the loop for its whole length (32 × 2 MiB: 12 ms
+# the loop (the default) and whose send never has to wait (NIXL posts return at once; a
+# TCP socket with room takes the whole chunk) never suspends the loop: without this, one large transfer held the loop for its whole length (32 × 2 MiB: 12 ms
 # measured; 1 GiB would be ~150 ms), delaying every other lane's GRANTs and DONEs, the
 # heartbeats, and the WRITE completions that give budget back to put().
 YIELD_AFTER_S = 1e-3
@@ -246,7 +245,8 @@ class Lane:
             self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
 
     async def _heartbeat_loop(self) -> Exception:
-        """Heartbeats while transfers are in flight; the peer is lost by `Liveness`'s rule."""
+        """Heartbeats while transfers are in flight (always, on a kept lane); the peer is
+        lost by `Liveness`'s rule."""
         alive = self._liveness
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)

@@ -3,8 +3,8 @@
 The receiver is lost when a heartbeat stays unanswered (no message at all comes back) for
 `timeout_s`. Counting from the first unanswered heartbeat, not from the last reply, keeps
 a stall of this process (engine holding the GIL, CPU starvation) from being blamed on the
-peer: nothing was asked of it meanwhile. A lane with nothing in flight asks nothing and
-so can never be declared lost.
+peer: nothing was asked of it meanwhile. A lane that asks nothing (no transfer in flight,
+not kept by Sender.connect) can never be declared lost.
 """
 
 from __future__ import annotations
