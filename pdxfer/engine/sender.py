@@ -3,8 +3,9 @@
 The engine thread calls `open()` / `put()` / `submit()`; they return at once (put()
 waits only when the memory budget is full, with a deadline); hashing each chunk and
 everything that touches the network runs on the sender's own uvloop thread (see
-SenderConfig.checksum_on_put / hash_ahead for the alternatives). Results come back as `concurrent.futures.Future`s:
-`.result(timeout)` from sync code, `await asyncio.wrap_future(f)` from asyncio code.
+SenderConfig.checksum_on_put / hash_ahead for the alternatives). Results come back as
+`concurrent.futures.Future`s: `.result(timeout)` from sync code, `await
+asyncio.wrap_future(f)` from asyncio code.
 
 With `backend="nixl"` the Sender creates one NIXL agent (and its progress thread) on the
 first lane that needs it, off the event loop, and tears it down in `close()` after every

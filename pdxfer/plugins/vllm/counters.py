@@ -10,7 +10,7 @@ class Counters:
     the pool's, the Sender's loop). `d[k] += 1` on a dict is a read-modify-write: CPython
     3.11 happens not to switch threads inside it (not seen losing a count even with a 1 µs
     switch interval), but nothing promises that, and a free-threaded build would lose
-    counts. A lock costs ~100 ns per event here."""
+    counts."""
 
     def __init__(self, *names: str) -> None:
         self._lock = threading.Lock()

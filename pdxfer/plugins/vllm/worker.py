@@ -32,9 +32,9 @@ import zmq
 from pdxfer.engine import Receiver, ReceiverConfig, Sender, SenderConfig
 from pdxfer.layout.payload import Payload
 from pdxfer.pack import Packer
-from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta, chunk_ranges
 from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.cpu_layout import cpu_attn_views
+from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta, chunk_ranges
 from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
 from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
 
