@@ -22,7 +22,6 @@ import structlog
 import xxhash
 
 from pdxfer.errors import IntegrityError
-from pdxfer.protocol.checksum import chunk_checksum
 
 log = structlog.get_logger("pdxfer.tiers")
 _PREFIX = "pdxfer-spill-"
