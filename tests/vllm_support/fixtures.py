@@ -32,6 +32,11 @@ from vllm_support.servers import VllmServer, build_tiny_model, vllm_available, v
 
 VLLM_START_TIMEOUT = float(os.environ.get("PDXFER_VLLM_START_TIMEOUT", "300"))
 TIMINGS: dict[str, Any] = {}
+# Long enough for the disconnect tests' 12000-token streams: under CPU contention vLLM's
+# engine core ran a 1800-token stream to its end before its API server (or the proxy in
+# front of it) delivered the first event, so a client "leaving mid-stream" left a finished
+# request and the test could not tell whether the proxy propagated the disconnect.
+PLAIN_MAX_MODEL_LEN = 16384
 
 __all__ = [
     "TIMINGS",
@@ -74,7 +79,8 @@ def vllm_plain_workers(
     names = ["prefill", "decode"]
     if any("vllm_spare_decode" in getattr(item, "fixturenames", ()) for item in request.session.items):
         names.append("spare")
-    servers = {n: VllmServer(f"vllm-{n}", tiny_model_dir, log_dir=vllm_log_dir, python=vllm_python_path) for n in names}
+    servers = {n: VllmServer(f"vllm-{n}", tiny_model_dir, log_dir=vllm_log_dir, python=vllm_python_path,
+                             max_model_len=PLAIN_MAX_MODEL_LEN) for n in names}
     try:
         t0 = time.monotonic()
         for s in servers.values():
@@ -96,7 +102,8 @@ def vllm_spare_decode(
     server = vllm_plain_workers.get("spare")
     own = server is None or not server.alive()
     if own:
-        server = VllmServer(f"vllm-spare-{int(time.time())}", tiny_model_dir, log_dir=vllm_log_dir, python=vllm_python_path)
+        server = VllmServer(f"vllm-spare-{int(time.time())}", tiny_model_dir, log_dir=vllm_log_dir,
+                            python=vllm_python_path, max_model_len=PLAIN_MAX_MODEL_LEN)
         server.start()
     assert server is not None
     try:

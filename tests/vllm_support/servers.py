@@ -181,7 +181,8 @@ class VllmServer(ManagedProcess):
     """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 and a free port."""
 
     def __init__(self, name: str, model_dir: Path, *, log_dir: Path, python: str | None = None,
-                 port: int | None = None, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+                 port: int | None = None, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 max_model_len: int = 2048) -> None:
         self.port = port or free_port()
         argv = [
             python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
@@ -189,7 +190,7 @@ class VllmServer(ManagedProcess):
             "--served-model-name", SERVED_MODEL_NAME,
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--max-model-len", "2048",
+            "--max-model-len", str(max_model_len),
             "--enforce-eager",  # no torch.compile: ~40 s less start-up on a small CPU
             "--seed", "0",
             "--uvicorn-log-level", "warning",

@@ -25,6 +25,11 @@ import random
 import sys
 from pathlib import Path
 
+# Room for streams long enough that a decode worker cannot finish one before a starved
+# client has read its first event (a disconnect test needs the stream still running when
+# the client leaves). Servers choose their own --max-model-len up to this.
+MAX_POSITIONS = 32768
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
@@ -77,7 +82,7 @@ def build(out_dir: Path, seed: int = 1234, vocab_size: int = 512) -> Path:
         pad_token="</s>",
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 2048
+    fast.model_max_length = MAX_POSITIONS
     fast.save_pretrained(str(out_dir))
 
     torch.manual_seed(seed)
@@ -88,7 +93,7 @@ def build(out_dir: Path, seed: int = 1234, vocab_size: int = 512) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-5,
         initializer_range=0.2,
         bos_token_id=fast.bos_token_id,
