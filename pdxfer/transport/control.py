@@ -5,17 +5,9 @@ RESERVEs outstanding on one DEALER, replies are matched by correlation id in the
 engine, and no lock is held across a round trip. ZMQ reconnects silently, so peer
 death is detected above this layer (heartbeats, the TCP data connection's EOF).
 
-The sockets are plain (blocking-API) pyzmq sockets driven straight from the event loop:
-`loop.add_reader(sock.FD)` calls `_pump`, which receives with NOBLOCK until EAGAIN and
-hands each message to the handler in that same callback. (zmq.asyncio resolved a future
-per message and woke a task for it, an extra loop iteration or two on every hop of every
-round trip; the control round trip is on the critical path of every transfer.)
-
-ZMQ's FD is edge-triggered: it signals when the socket's command mailbox gets something,
-and any operation on the socket (a send included) may consume that signal. So the pump
-drains until EAGAIN (which leaves the FD re-armed), re-schedules itself when it stops
-early to let other callbacks run, and a send made outside the pump checks ZMQ_EVENTS and
-schedules a pump when input is already waiting.
+The sockets are plain (blocking-API) pyzmq sockets driven straight from the event loop
+(`transport.loopsocket`): each message reaches the handler in the reader callback that
+received it.
 
 Sends never block: NOBLOCK when the high-water mark allows, a bounded backlog otherwise
 (per peer on the ROUTER), retried on the next pump and by a short backoff timer. A
@@ -26,7 +18,6 @@ above end its transfers on their own deadlines.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Callable
 
@@ -36,176 +27,16 @@ from zmq.utils.monitor import parse_monitor_message
 
 from pdxfer.errors import ProtocolError
 from pdxfer.protocol import messages as m
+from pdxfer.transport import loopsocket
+from pdxfer.transport.loopsocket import LoopSocket
 
 log = structlog.get_logger("pdxfer.control")
 
-_HWM = 100_000
-_BATCH = 256  # messages handled per reader callback before yielding to other callbacks
-_BACKLOG_MAX = _HWM  # per peer, on top of ZMQ's own queue of _HWM
+_BACKLOG_MAX = loopsocket.HWM  # per peer, on top of ZMQ's own queue of HWM messages
 _BACKLOG_TIMEOUT_S = 30.0
-_RETRY_MIN_S = 0.001
-_RETRY_MAX_S = 0.1
 
 
-def _configure(sock: zmq.Socket) -> None:
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_CONTROL_MESSAGE)  # oversized frames never reach us
-    sock.setsockopt(zmq.SNDHWM, _HWM)
-    sock.setsockopt(zmq.RCVHWM, _HWM)
-
-
-class _Endpoint:
-    """A plain ZMQ socket on the running loop: reader callback, backlog, clean close."""
-
-    def __init__(self, ctx: zmq.Context, kind: int) -> None:
-        # A plain socket whatever the context's class (a zmq.asyncio.Context works too),
-        # made through the context so that its destroy() closes it.
-        self._sock: zmq.Socket = ctx.socket(kind, socket_class=zmq.Socket)
-        _configure(self._sock)
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None  # ControlServer made off the loop: start() attaches it
-        self._fd: int | None = None
-        self._closed = False
-        self._in_pump = False
-        self._pump_pending = False
-        self._retry: asyncio.TimerHandle | None = None
-        self._retry_delay = _RETRY_MIN_S
-
-    # ------------------------------------------------------------------ loop wiring
-    def _attach(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._fd = self._sock.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self._pump)
-        self._kick()  # anything that arrived before the reader existed
-
-    def _kick(self) -> None:
-        """Run the pump soon: input is waiting that the FD will not signal again."""
-        if not self._pump_pending and not self._closed and self._loop is not None:
-            self._pump_pending = True
-            self._loop.call_soon(self._pump)
-
-    def _pump(self) -> int:
-        """Receive and dispatch what is waiting (up to a batch); the count delivered."""
-        self._pump_pending = False
-        if self._closed or self._in_pump:
-            return 0
-        self._in_pump = True
-        flushed = False
-        n = 0
-        try:
-            sock = self._sock
-            for _ in range(_BATCH):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:  # ETERM and the like: this socket is done for
-                    if not self._closed:
-                        log.warning("control_recv_failed", peer=self._peer_name(), error=str(exc))
-                        self._shutdown()
-                    return n
-                n += 1
-                self._dispatch(frames)
-                if self._closed:  # a handler closed us
-                    return n
-            else:
-                self._kick()  # batch used up: the rest on the next loop iteration
-            flushed = self._has_backlog()
-            if flushed:
-                self._flush()
-        finally:
-            self._in_pump = False
-        if flushed:
-            self._after_send()
-        return n
-
-    def drain(self) -> int:
-        """Deliver what already waits in the socket, now; the count delivered.
-
-        For a deadline about to declare the peer silent: after this process itself stalled
-        (GIL, CPU starvation), uvloop runs due timers before it polls for I/O, so replies
-        that arrived during the stall are still unread when the deadline's callback runs."""
-        return self._pump()
-
-    def _after_send(self) -> None:
-        """A send (or ZMQ_EVENTS itself) processes ZMQ's pending commands and so may consume
-        the FD's signal for input that is now waiting, or for room that opened for the
-        backlog: look at the socket's state now instead of waiting for a signal that will
-        not come."""
-        if self._in_pump or self._closed:
-            return  # the pump drains to EAGAIN and looks again when it ends
-        try:
-            events = self._sock.getsockopt(zmq.EVENTS)
-        except zmq.ZMQError:
-            return
-        if events & zmq.POLLIN or (events & zmq.POLLOUT and self._flush_on_pollout()):
-            self._kick()
-
-    def _flush_on_pollout(self) -> bool:
-        """Whether POLLOUT means the backlog can move now (a DEALER's one pipe has room).
-        A ROUTER always reports POLLOUT whatever each peer's pipe holds: its backlog
-        moves on pumps and on the retry timer instead."""
-        return False
-
-    def _schedule_retry(self) -> None:
-        if self._retry is None and not self._closed and self._loop is not None:
-            self._retry = self._loop.call_later(self._retry_delay, self._on_retry)
-            self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
-
-    def _on_retry(self) -> None:
-        self._retry = None
-        if self._closed:
-            return
-        if self._flush():
-            self._retry_delay = _RETRY_MIN_S  # it moves: keep trying at the short interval
-        if self._has_backlog():
-            self._schedule_retry()
-        else:
-            self._retry_delay = _RETRY_MIN_S
-        self._after_send()
-
-    # ------------------------------------------------------------------ subclass hooks
-    def _dispatch(self, frames: list[bytes]) -> None:
-        raise NotImplementedError
-
-    def _has_backlog(self) -> bool:
-        raise NotImplementedError
-
-    def _flush(self) -> bool:
-        """Send what the backlog holds while the high-water mark allows; True if any went."""
-        raise NotImplementedError
-
-    def _drop_backlog(self) -> int:
-        raise NotImplementedError
-
-    def _peer_name(self) -> str:
-        return "control"
-
-    # ------------------------------------------------------------------ close
-    def _shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._fd is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)  # before close(): the fd number may be reused
-        self._fd = None
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        dropped = self._drop_backlog()
-        if dropped:
-            log.debug("control_backlog_dropped", peer=self._peer_name(), messages=dropped)
-        self._sock.close(linger=0)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-
-class ControlServer(_Endpoint):
+class ControlServer(LoopSocket):
     """ROUTER socket; `handler(identity, message)` runs on the loop for every valid message."""
 
     def __init__(self, ctx: zmq.Context, bind: str, handler: Callable[[bytes, m.Message], None]) -> None:
@@ -307,7 +138,7 @@ class ControlServer(_Endpoint):
         self._shutdown()
 
 
-class ControlClient(_Endpoint):
+class ControlClient(LoopSocket):
     """DEALER to one receiver; every decoded message goes to `on_message`.
 
     `on_refused()`, if given, is called once when the first connection attempt is refused

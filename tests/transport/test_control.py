@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from pdxfer.protocol import messages as m
-from pdxfer.transport import control
+from pdxfer.transport import control, loopsocket
 from pdxfer.transport.control import ControlClient, ControlServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -347,7 +347,7 @@ def test_many_outstanding_messages_arrive_in_order(run, monkeypatch, hwm):
     """20 000 requests without waiting, on two peers; with a tiny high-water mark both the
     client's and the server's sends spill into their backlogs and must keep order."""
     if hwm is not None:
-        monkeypatch.setattr(control, "_HWM", hwm)
+        monkeypatch.setattr(loopsocket, "HWM", hwm)
     n = 20_000
 
     async def body(ctx):
@@ -421,7 +421,7 @@ def test_server_closed_before_start_and_client_closed_at_once(run):
 def test_close_while_busy(run, monkeypatch):
     """Both ends closed mid-flood (the server from inside its own handler, the client with
     a backlog and a pending retry): no reader or timer fires afterwards, nothing is logged."""
-    monkeypatch.setattr(control, "_HWM", 64)
+    monkeypatch.setattr(loopsocket, "HWM", 64)
 
     async def body(ctx):
         loop = asyncio.get_running_loop()
@@ -538,15 +538,15 @@ def test_server_that_vanishes_and_comes_back(run):
 
 def test_backlog_entries_expire(run, monkeypatch):
     """A peer that stops reading: its backlog is dropped after _BACKLOG_TIMEOUT_S, with a warning."""
-    monkeypatch.setattr(control, "_HWM", 16)
+    monkeypatch.setattr(loopsocket, "HWM", 16)
     monkeypatch.setattr(control, "_BACKLOG_TIMEOUT_S", 0.2)
-    configure = control._configure
+    configure = loopsocket.configure
 
     def small_buffers(sock):  # so that kernel socket buffers do not soak up the flood
         configure(sock)
         sock.setsockopt(zmq.SNDBUF, 4096)
 
-    monkeypatch.setattr(control, "_configure", small_buffers)
+    monkeypatch.setattr(loopsocket, "configure", small_buffers)
 
     async def body(ctx):
         server = echo_server(ctx)
