@@ -22,19 +22,17 @@ Rules of the file:
   ``deliver`` that arrives after a deadline but before the tick still succeeds: the bytes
   were not handed to anyone else yet, and the engine cannot order the two anyway.
 
-Deadline bookkeeping: each live record has at most one *armed* heap entry, at its
-earliest applicable deadline. Changes re-arm it under a fresh sequence number; older
-entries become stale and are skipped when they surface (lazy deletion). The heap is
-rebuilt when stale entries outnumber live ones, so memory stays bounded however often
-leases are renewed.
+Deadline bookkeeping: each live record has at most one *armed* entry in a lazily
+deleted heap, at its earliest applicable deadline (`admission.deadlines`).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 
 from pdxfer.admission.allocator import ExtentAllocator
+from pdxfer.admission.deadlines import DeadlineHeap
+from pdxfer.admission.invariants import check_invariants
 from pdxfer.admission.ledger import (
     ALLOWED,
     EXPIRY_REASON,
@@ -81,8 +79,7 @@ class AdmissionController:
         self._live: dict[str, Record] = {}  # every non-ended reservation, in creation order
         self._queue: OrderedDict[str, Record] = OrderedDict()  # FIFO of QUEUED
         self._by_peer: dict[str, dict[str, None]] = {}  # peer -> ordered set of ids
-        self._heap: list[tuple[float, int, str]] = []  # (due, seq, transfer_id)
-        self._seq = 0
+        self._heap = DeadlineHeap()
         self._reserved = 0
         self._waiting_bytes = 0
         self._granted = 0
@@ -250,13 +247,7 @@ class AdmissionController:
             if until <= now:
                 self._unquarantine(offset)
                 self._counters["quarantine_expired"] += 1
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, seq, tid = heapq.heappop(heap)
-            rec = self._live.get(tid)
-            if rec is None or rec.armed != seq:
-                continue  # stale entry
-            rec.armed = None
+        for rec in self._heap.pop_due(now, self._live):
             reason = EXPIRY_REASON[rec.state]
             if rec.state is G and rec.deadline <= rec.lease_deadline:  # type: ignore[operator]
                 reason = EndReason.DEADLINE
@@ -266,15 +257,7 @@ class AdmissionController:
 
     def next_deadline(self) -> float | None:
         """Earliest time at which ``tick`` would end or free something; None if nothing is pending."""
-        heap = self._heap
-        first: float | None = None
-        while heap:
-            _, seq, tid = heap[0]
-            rec = self._live.get(tid)
-            if rec is not None and rec.armed == seq:
-                first = heap[0][0]
-                break
-            heapq.heappop(heap)
+        first = self._heap.first(self._live)
         if self._quarantine:
             q = min(until for _, _, _, until in self._quarantine.values())
             first = q if first is None else min(first, q)
@@ -379,72 +362,9 @@ class AdmissionController:
         return Ended(rec.transfer_id, rec.peer, reason, state, freed, quarantined)
 
     def _arm(self, rec: Record) -> None:
-        """Point the record's single valid heap entry at its current due time (or none)."""
-        due = rec.due()
-        if due is None:
-            rec.armed = None
-            return
-        if rec.armed is not None and rec.armed_at == due:
-            return
-        self._seq += 1
-        rec.armed = self._seq
-        rec.armed_at = due
-        heapq.heappush(self._heap, (due, self._seq, rec.transfer_id))
-        if len(self._heap) > 2 * len(self._live) + 64:
-            self._compact()
-
-    def _compact(self) -> None:
-        self._heap = [(r.armed_at, r.armed, tid) for tid, r in self._live.items() if r.armed is not None]
-        heapq.heapify(self._heap)
+        self._heap.arm(rec, self._live)
 
     def _check_invariants(self) -> None:
-        """Raise AssertionError if any bookkeeping disagrees with a from-scratch recount.
-
-        For tests, after every step; O(n log n). Not ``assert`` so ``-O`` cannot skip it.
-        """
-
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                raise AssertionError(f"admission: {msg}")
-
-        a = self._alloc
-        a._check_invariants()
-        holding = [r for r in self._live.values() if r.state in (G, D)]
-        check(self._reserved == sum(r.allocated for r in holding), "reserved_bytes != sum of allocated")
-        check(self._reserved <= a.capacity, f"reserved {self._reserved} > capacity {a.capacity}")
-        check(self._quarantined == sum(n for _, _, n, _ in self._quarantine.values()), "quarantined != sum of extents")
-        check(a.free_bytes + self._reserved + self._quarantined == a.capacity,
-              "allocator free + reserved + quarantined != capacity")
-        extents = {r.offset: r.allocated for r in holding}
-        extents.update({off: n for off, (_, _, n, _) in self._quarantine.items()})
-        check(a.allocations() == extents, "allocator map != live + quarantined extents")
-        for r in holding:
-            assert r.offset is not None
-            check(0 <= r.offset and r.offset + r.allocated <= a.capacity, f"{r.transfer_id} outside region")
-            check(r.allocated == a.aligned(r.nbytes) >= r.nbytes, f"{r.transfer_id} allocated size wrong")
-        queued = [r for r in self._live.values() if r.state is Q]
-        check(set(self._queue) == {r.transfer_id for r in queued}, "queue != QUEUED records")
-        check(all(r.offset is None for r in queued), "a queued record owns an offset")
-        check(self._waiting_bytes == sum(r.allocated for r in queued), "waiting_bytes wrong")
-        check(self._granted == sum(r.state is G for r in holding), "granted_count wrong")
-        check(self._delivered == sum(r.state is D for r in holding), "delivered_count wrong")
-        check(len(self._queue) <= self._max_queue, "queue over its bound")
-        if self._queue:  # no lost wake-up: a head that fits would have been granted
-            head = next(iter(self._queue.values()))
-            check(not a.can_alloc(head.nbytes), f"queue head {head.transfer_id} fits but waits")
-        check(
-            {(p, t) for p, ids in self._by_peer.items() for t in ids} == {(r.peer, t) for t, r in self._live.items()},
-            "peer index disagrees with live records",
-        )
-        check(all(self._by_peer.values()), "empty peer entry kept")
-        entries = {(due, seq, tid) for due, seq, tid in self._heap}
-        for tid, r in self._live.items():
-            check(r.state is not ReservationState.ENDED, f"{tid} ENDED but still live")
-            due = r.due()
-            if due is None:
-                check(r.armed is None, f"{tid} armed with nothing due")
-            else:
-                check(r.armed is not None and r.armed_at == due, f"{tid} armed at wrong time")
-                check((due, r.armed, tid) in entries, f"{tid} armed entry missing from heap")
-        if self._shut:
-            check(not self._live, "live reservations after shutdown")
+        """Raise AssertionError if any bookkeeping disagrees with a from-scratch recount
+        (for tests, after every step; see `admission.invariants`)."""
+        check_invariants(self)
