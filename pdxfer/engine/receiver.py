@@ -106,14 +106,14 @@ class Receiver:
 
         class _Sink:
             def resolve(self, conn, header):  # noqa: ANN001
-                return core.resolve(conn, header)
+                return core.tcp.resolve(conn, header)
 
             def on_frame(self, conn, event):  # noqa: ANN001
-                core.on_frame(conn, event)
+                core.tcp.on_frame(conn, event)
 
             def on_lost(self, conn, error):  # noqa: ANN001
                 outer._conns.discard(conn)
-                core.on_lost(conn, error)
+                core.tcp.on_lost(conn, error)
 
         sink = _Sink()
 

@@ -5,8 +5,8 @@ the admission controller's events turn into wire messages and waiter wake-ups: a
 GRANT for a waiter admitted later, a FAILED for a lease that expired, a typed error for
 whoever waits on a transfer that ended badly.
 
-Data arrives on TCP connections (`resolve`/`on_frame`/`on_lost` below) or, for peers that
-said HELLO with "nixl", as one-sided WRITEs announced by notifications (`receiver_nixl`).
+Data arrives on TCP connections (`receiver_tcp`) or, for peers that said HELLO with
+"nixl", as one-sided WRITEs announced by notifications (`receiver_nixl`).
 A NIXL peer has no data connection whose loss would end its reservations; its leases
 (renewed by heartbeats and by every notification) do that instead.
 """
@@ -27,11 +27,11 @@ from pdxfer.admission import (
 )
 from pdxfer.engine.config import ReceiverConfig
 from pdxfer.engine.receiver_nixl import NixlInbound
+from pdxfer.engine.receiver_tcp import TcpInbound
 from pdxfer.errors import (
     IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout,
 )
 from pdxfer.layout.payload import Payload
-from pdxfer.protocol import frames as f
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.inbound import InboundTransfer
 from pdxfer.transport.control import ControlServer
@@ -91,6 +91,7 @@ class ReceiverCore:
         self.control: ControlServer | None = None
         self.data_address = ""
         self.nixl: NixlInbound | None = NixlInbound(self, region) if "nixl" in cfg.backends else None
+        self.tcp = TcpInbound(self)  # the DataSink of every inbound data connection
 
     @property
     def capabilities(self) -> list[str]:
@@ -213,55 +214,6 @@ class ReceiverCore:
             self._verify(t)
         elif self.nixl is not None:
             self.nixl.commit_waiting(slot)  # type: ignore[arg-type]
-
-    # ------------------------------------------------------------------ data path (DataSink)
-    def resolve(self, conn: DataServerProtocol, header: f.FrameHeader) -> memoryview | None:
-        t = self.inbound.get(header.slot)
-        if t is None:
-            if header.slot < self._next_slot:
-                return None  # the transfer ended meanwhile: read and discard
-            raise ProtocolError(f"data frame for slot {header.slot} that was never granted")
-        info = self._by_token.get(conn.conn_token or -1)
-        if info is None or info.identity.decode(errors="replace") != t.peer:
-            raise ProtocolError(f"slot {header.slot} belongs to another peer", transfer_id=t.tid)
-        self.admission.renew(t.tid, now=self.loop.time())
-        return t.destination(header)
-
-    def on_frame(self, conn: DataServerProtocol, event: f.FrameEvent) -> None:
-        if isinstance(event, f.ConnectionHello):
-            info = self._by_token.get(event.conn_token)
-            if info is None:
-                raise ProtocolError("data connection with an unknown token")
-            if info.conn is not None:
-                raise ProtocolError("second data connection for one peer")
-            info.conn = conn
-        elif isinstance(event, f.ChunkReceived):
-            t = self.inbound.get(event.header.slot)
-            if t is None:
-                return
-            try:
-                t.chunk_arrived(event.header, event.view, event.checksum)
-            except IntegrityError as exc:
-                self._fail_transfer(t, exc, "integrity")
-                return
-            if t.ready_to_verify:
-                self._verify(t)
-
-    def on_lost(self, conn: DataServerProtocol, error: Exception | None) -> None:
-        info = self._by_token.get(conn.conn_token or -1)
-        if info is None or info.conn is not conn:
-            return
-        key = info.identity.decode(errors="replace")
-        self.peers.pop(key, None)
-        self._by_token.pop(info.conn_token, None)
-        events = self.admission.peer_lost(key, now=self.loop.time())
-        if events or error is not None:
-            log.warning("peer_lost", peer=key, sender=info.sender_id, error=str(error) if error else "closed",
-                        reservations_ended=sum(isinstance(e, Ended) for e in events))
-        else:
-            log.info("peer_disconnected", peer=key, sender=info.sender_id)
-        self._handle(events)
-        self._schedule()
 
     # ------------------------------------------------------------------ completion
     def _verify(self, t: InboundTransfer) -> None:
