@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import itertools
 import os
 import time
@@ -36,14 +35,14 @@ import zmq.asyncio
 from pdxfer.errors import PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.states import OutEvent, OutState
+from pdxfer.engine.lane_writes import NixlWrites
 from pdxfer.engine.liveness import Liveness
 from pdxfer.engine.outctx import OutCtx, TransferResult
 from pdxfer.engine.outgoing import Outgoing
 from pdxfer.engine.replies import failure_error, rejection_error
 from pdxfer.protocol.outbound import OutboundTransfer
-from pdxfer.sendq import MemoryBudget, PeerQueue, SendItem
+from pdxfer.sendq import MemoryBudget, PeerQueue
 from pdxfer.sendq.holdings import Holdings
-from pdxfer.sendq.restore import Restored
 from pdxfer.transport.control import ControlClient
 from pdxfer.transport.tcp import DataClient
 
@@ -74,6 +73,7 @@ class Lane:
         self.holdings = holdings if holdings is not None else Holdings(budget)
         # Spilled chunks are read back and chunks hashed there, a few ahead of the wire.
         self.out = Outgoing(cfg, self.holdings, lambda n: self.queue.peek(n), self._fail_tid, io, hash_pool)
+        self._writes = NixlWrites(self._send_abort, self.out.sent)
         self.state = "connecting"
         self.transfers: dict[str, OutCtx] = {}
         self._by_cid: dict[int, OutCtx] = {}
@@ -207,21 +207,9 @@ class Lane:
                 # arrived (COMMIT_PENDING), and a WRITE that fails ends the lane, so DONE can
                 # never cover a chunk that did not land.
                 ctx = self.transfers[t.tid]  # pop() skips ended transfers, so it is still live
-                fut = self.data.send_chunk(tid=t.tid, slot=t.slot, index=item.index, offset=offset,  # type: ignore[arg-type]
-                                           payload=payload, checksum=checksum, base_addr=ctx.extra["addr"])
-                ctx.extra["writes"] = ctx.extra.get("writes", 0) + 1
-                fut.add_done_callback(functools.partial(self._write_done, item=item, restored=restored, ctx=ctx))
+                self._writes.post(self.data, ctx, item, offset, payload, checksum, restored)  # type: ignore[arg-type]
             self._chunk_sent(t)
             in_slice += 1
-
-    def _write_done(self, fut: asyncio.Future, *, item: SendItem, restored: Restored | None, ctx: OutCtx) -> None:
-        """A NIXL WRITE finished: what the chunk held goes back now, whatever the outcome."""
-        self.out.sent(item, restored)
-        if not fut.cancelled():
-            fut.exception()  # failures end the lane through the data client's `closed` future
-        ctx.extra["writes"] -= 1
-        if ctx.extra["writes"] == 0 and "abort_when_quiet" in ctx.extra:
-            self._send_abort(ctx, ctx.extra.pop("abort_when_quiet"))
 
     def _send_abort(self, ctx: OutCtx, reason: str) -> None:
         """ABORT tells the receiver that no WRITE of ours can land any more (NIXL): it frees
@@ -398,10 +386,7 @@ class Lane:
         elif (notify_peer or wrote) and self.state == "ready":
             # NIXL: only once our WRITEs into its range are over, so the receiver may reuse
             # the range at once; sent even when the receiver ended it (it quarantined it).
-            if ctx.extra.get("writes", 0) > 0:
-                ctx.extra["abort_when_quiet"] = type(err).__name__
-            else:
-                self._send_abort(ctx, type(err).__name__)
+            self._writes.abort(ctx, type(err).__name__)
         ctx.log.warning("transfer_failed", state=was.value, error=str(err))
         if not ctx.future.done():
             ctx.future.set_exception(err)
