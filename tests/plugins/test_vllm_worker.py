@@ -227,3 +227,20 @@ def test_prefill_connects_to_configured_decode_receivers_at_start() -> None:
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_no_mixin_stub_shadows_an_implementation() -> None:
+    """WorkerSide is built from mixins that declare what they use from each other as
+    ``def f(...): ...`` stubs; a stub earlier in the MRO silently wins over the real
+    method (seen: the streaming half's `_round` stub returned None to the receiving half)."""
+    import ast
+    import inspect
+    import textwrap
+
+    stubs = []
+    for name, fn in inspect.getmembers(WorkerSide, inspect.isfunction):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        if len(body) == 1 and isinstance(body[0], ast.Expr) and body[0].value.value is Ellipsis:  # type: ignore[attr-defined]
+            stubs.append(f"{name} resolves to the stub {fn.__qualname__}")
+    assert not stubs, stubs

@@ -7,10 +7,8 @@ then packs the token range out of the paged cache (one chunk per block, see
 the blocks: the bytes now live in the packed buffers), and hands the chunks to the
 Sender, which keeps them until the transfer ends. Concurrent flow: see `stream.py`.
 
-Decode: each `RecvSpec` starts a Receiver wait and (sequential flow) the push request.
-The engine thread polls in `get_finished`: a delivered transfer is unpacked into the
-request's blocks and released; a failed one is reported in `failed_recving` (and its
-blocks in `get_block_ids_with_load_errors`) so vLLM applies `kv_load_failure_policy`.
+Decode: each `RecvSpec` starts a Receiver wait and (sequential flow) the push request;
+the engine thread polls them in `get_finished`, which reports delivered and failed ones.
 Nothing blocks the engine thread: side-channel round trips run in a small pool.
 """
 
@@ -18,11 +16,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import functools
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import structlog
@@ -34,30 +30,14 @@ from pdxfer.layout.payload import Payload
 from pdxfer.pack import Packer
 from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.cpu_layout import cpu_attn_views
-from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta, chunk_ranges
+from pdxfer.plugins.vllm.meta import PluginConfig, SendSpec, StepMeta, chunk_ranges
 from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
+from pdxfer.plugins.vllm.receiving import ReceivingMixin, _RecvJob, _release_when_done
 from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
 
 log = structlog.get_logger("pdxfer.vllm.worker")
 
 _GONE_REMEMBERED = 4096  # ended holds remembered for late pushes
-
-
-@dataclass
-class _RecvJob:
-    spec: RecvSpec
-    wait: "concurrent.futures.Future[Any]"
-    ask: "concurrent.futures.Future[dict[str, Any]] | None"
-    started: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-
-
-def _release_when_done(fut: "concurrent.futures.Future[Any]") -> None:
-    """A receive nobody will unpack still owns reserved bytes: give them back on arrival."""
-    def _cb(f: "concurrent.futures.Future[Any]") -> None:
-        if not f.cancelled() and f.exception() is None:
-            f.result().release()
-    fut.add_done_callback(_cb)
 
 
 def _preconnected(url: str, address: str, fut: "concurrent.futures.Future[None]") -> None:
@@ -67,7 +47,7 @@ def _preconnected(url: str, address: str, fut: "concurrent.futures.Future[None]"
         log.warning("pdxfer_preconnect_failed", decode=url, receiver=address, error=repr(exc))
 
 
-class WorkerSide(StreamingMixin):
+class WorkerSide(StreamingMixin, ReceivingMixin):
     def __init__(self, cfg: PluginConfig, *, producer: bool, consumer: bool, rank: int = 0) -> None:
         self.cfg = cfg
         self.producer, self.consumer, self.rank = producer, consumer, rank
@@ -185,11 +165,7 @@ class WorkerSide(StreamingMixin):
                 failed.add(rid)
         return sending, recving, failed
 
-    def take_load_errors(self) -> set[int]:
-        errs, self._load_errors = self._load_errors, set()
-        return errs
-
-    # ------------------------------------------------------------------ decode
+    # ------------------------------------------------------------------ block geometry (both halves)
     @property
     def block_size(self) -> int:
         assert self.packer is not None
@@ -199,86 +175,6 @@ class WorkerSide(StreamingMixin):
         """End of a token range as it travels: whole blocks when the layout needs them."""
         bs = self.block_size
         return -(-t1 // bs) * bs if self.whole_blocks else t1
-
-    def _block_range(self, spec: RecvSpec) -> RecvSpec:
-        """The token range widened to whole blocks when the cache layout needs it."""
-        if not self.whole_blocks or self.packer is None:
-            return spec
-        bs = self.block_size
-        t1 = min(self._round(spec.t1), len(spec.block_ids[0]) * bs)
-        return dataclasses.replace(spec, t0=spec.t0 // bs * bs, t1=max(t1, spec.t1))
-
-    def _start_recv(self, spec: RecvSpec) -> None:
-        assert self.receiver is not None and self._pool is not None and self._zctx is not None
-        spec = self._block_range(spec)
-        wait = self.receiver.wait_future(spec.transfer_id, self.cfg.recv_timeout_s)
-        ask = None
-        if spec.remote_host is not None and spec.remote_port is not None:
-            msg = {"op": "push", "transfer_id": spec.transfer_id, "receiver": self.receiver.control_address,
-                   "t0": spec.t0, "t1": spec.t1}
-            ask = self._pool.submit(side_request, self._zctx, spec.remote_host, spec.remote_port, msg,
-                                    self.cfg.handshake_timeout_s, self.cfg.recv_timeout_s)
-        self._jobs[spec.req_id] = _RecvJob(spec, wait, ask)
-
-    def _poll(self, job: _RecvJob) -> str | None:
-        """None while in progress; "" when loaded; an error text when it failed."""
-        spec = job.spec
-        error = ""
-        if job.ask is not None and job.ask.done():
-            try:
-                reply = job.ask.result()
-                if not reply.get("ok"):
-                    error = f"prefill refused: {reply.get('error')}"
-            except Exception as exc:  # noqa: BLE001
-                error = f"push request failed: {exc}"
-            job.ask = None
-        if not error:
-            if not job.wait.done():
-                return None
-            try:
-                received = job.wait.result()
-            except Exception as exc:  # noqa: BLE001
-                error = f"{type(exc).__name__}: {exc}"
-            else:
-                error = self._unpack(spec, received)
-        if error:
-            _release_when_done(job.wait)
-            log.error("pdxfer_recv_failed", request_id=spec.req_id, transfer_id=spec.transfer_id, error=error)
-            self.counters.inc("recv_failed")
-            self._mark_load_error(spec)
-            return error
-        self.counters.inc("received")
-        return ""
-
-    def _unpack(self, spec: RecvSpec, received: Any) -> str:
-        """Scatter the chunks this request needs; a pushed stream starts at token 0, so
-        chunks below a local prefix hit (spec.t0) are skipped."""
-        assert self.packer is not None
-        try:
-            start = spec.t0 if spec.remote_host is not None else 0
-            ranges = chunk_ranges(start, spec.t1, self.block_size)
-            sizes = tuple(self.packer.packed_nbytes(a, b) for a, b in ranges)
-            if received.payload.chunk_sizes != sizes:
-                return (f"layout mismatch: got chunks {received.payload.chunk_sizes[:4]}... "
-                        f"({received.payload.chunk_count}), tokens [{start},{spec.t1}) need {sizes[:4]}... ({len(sizes)})")
-            tables = [list(g) for g in spec.block_ids]
-            for i, (a, b) in enumerate(ranges):
-                if a < spec.t0:
-                    continue
-                buf = torch.frombuffer(received.chunk(i), dtype=torch.uint8)
-                self.packer.unpack(tables, a, b, buf)
-                del buf
-            return ""
-        except Exception as exc:  # noqa: BLE001
-            return f"unpack failed: {exc}"
-        finally:
-            received.release()
-
-    def _mark_load_error(self, spec: RecvSpec) -> None:
-        if len(spec.block_ids) != 1 or self.packer is None:
-            return  # vLLM maps block-level errors back to requests only with one group
-        bs = self.packer.layout.groups[0].block_size
-        self._load_errors.update(spec.block_ids[0][spec.t0 // bs: -(-spec.t1 // bs)])
 
     # ------------------------------------------------------------------ prefill
     def _on_side(self, msg: dict[str, Any]) -> dict[str, Any]:
