@@ -8,6 +8,11 @@ over the buffer as a KV receiver would), each WRITE with a small notification, k
 `concurrency` WRITEs in flight and polling their states back to back on its own thread.
 The target drains notifications with the same progress thread pdxfer's receiver uses, so
 both sides of the comparison pay the same for being told that bytes landed.
+
+With `verify`, the writer hashes each chunk (pdxfer's `chunk_checksum`) before its WRITE
+and sends offset, length and checksum in the notification; the target hashes the landed
+range when the notification arrives and counts mismatches (reported when it exits). That
+is the floor for a verified one-sided transfer, measured the plainest way.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import base64
 import json
 import mmap
+import struct
 import sys
 import time
 from typing import Any
+
+from pdxfer.protocol.checksum import chunk_checksum
 
 from pdxfer.transport.nixl_agent import NixlAgent
 from pdxfer.transport.nixl_progress import NixlProgress
@@ -31,8 +39,18 @@ def serve(size: int) -> None:
     addr = buffer_address(memoryview(region))
     agent.register(addr, size)
     progress = NixlProgress(agent, "nixlraw-target")
-    count = [0]
-    loop = _NoLoop(lambda notifs: count.__setitem__(0, count[0] + sum(len(v) for v in notifs.values())))
+    count = [0, 0]  # notifications, verification mismatches
+    view = memoryview(region)
+
+    def on_notifs(notifs: dict[str, list[bytes]]) -> None:
+        for msgs in notifs.values():
+            for raw in msgs:
+                count[0] += 1
+                if len(raw) == _VERIFY_NOTIF.size:
+                    _, off, n, csum = _VERIFY_NOTIF.unpack(raw)
+                    count[1] += chunk_checksum(view[off : off + n]) != csum
+
+    loop = _NoLoop(on_notifs)
     progress.set_sink(loop, loop.sink)  # type: ignore[arg-type]
     progress.want_notifs(+1)  # always listening: a bench target has nothing else to do
     print(json.dumps({"md": base64.b64encode(agent.metadata()).decode(), "addr": addr, "size": size,
@@ -40,7 +58,11 @@ def serve(size: int) -> None:
     sys.stdin.read()
     progress.stop()
     agent.close()
-    print(json.dumps({"notifications": count[0]}), flush=True)
+    view.release()
+    print(json.dumps({"notifications": count[0], "verify_mismatches": count[1]}), flush=True)
+
+
+_VERIFY_NOTIF = struct.Struct("<QQQQ")  # sequence number, offset, length, checksum
 
 
 class _NoLoop:
@@ -65,8 +87,10 @@ class RawWriter:
         self.local_addr = buffer_address(data)
         self.agent.register(self.local_addr, data.nbytes)
 
-    def run(self, total_bytes: int, chunk: int, concurrency: int, timeout: float = 120.0) -> float:
-        """Seconds to WRITE `total_bytes` in `chunk` pieces with `concurrency` in flight."""
+    def run(self, total_bytes: int, chunk: int, concurrency: int, timeout: float = 120.0, *,
+            verify: bool = False) -> float:
+        """Seconds to WRITE `total_bytes` in `chunk` pieces with `concurrency` in flight;
+        with `verify`, every chunk hashed before its WRITE and by the target on arrival."""
         inflight: list[Any] = []
         left, pos, seq = total_bytes, 0, 0
         deadline = time.monotonic() + timeout
@@ -76,8 +100,12 @@ class RawWriter:
                 if pos >= self.span:
                     pos = 0
                 n = min(chunk, left, self.span - pos)
+                if verify:
+                    notif = _VERIFY_NOTIF.pack(seq, pos, n, chunk_checksum(self.data[pos : pos + n]))
+                else:
+                    notif = seq.to_bytes(8, "little")
                 h, state, err = self.agent.post_write([(self.local_addr + pos, self.remote_addr + pos, n)], self.remote,
-                                                      seq.to_bytes(8, "little"))
+                                                      notif)
                 if state == "ERR":
                     raise RuntimeError(f"baseline WRITE failed: {err}")
                 if h is not None:

@@ -52,6 +52,20 @@ class ChildProcess:
         finally:
             self.kill()
 
+    def finish(self, timeout: float = 15.0) -> dict[str, Any] | None:
+        """For children that exit when their stdin closes: close it, read the final JSON
+        line, and kill if it lingers."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            final = self._readline(timeout)
+            self.proc.wait(timeout)
+            return json.loads(final)
+        except (TimeoutError, RuntimeError, ValueError, subprocess.TimeoutExpired, OSError):
+            return None
+        finally:
+            self.kill()
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 

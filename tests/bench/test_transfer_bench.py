@@ -1,0 +1,91 @@
+"""`pdxfer bench transfer` end to end on both backends, and its baselines' own checks.
+
+The bench's numbers are not judged here (no wall-clock assertions in tests); what is
+checked: the documented JSON keys, one row per configuration, sane values, an empty
+receiver ledger at the end (the command exits 1 otherwise), a refused bad chunk size, and
+that the verified baselines really verify (a wrong checksum is caught on both paths).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pdxfer.bench import rawsock
+from pdxfer.bench.procs import ChildProcess
+from tests.conftest import HAVE_NIXL
+
+KEYS = ("backend", "chunk_size", "total_bytes", "concurrency", "gbps", "baseline", "baseline_gbps", "ratio",
+        "verified_baseline", "verified_baseline_gbps", "ratio_vs_verified")
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pdxfer", "--log-level", "warning", "bench", "transfer", *args],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("backend", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    not HAVE_NIXL, reason="nixl is not installed"))])
+def test_bench_transfer_json(backend):
+    out = _bench("--backend", backend, "--chunk-size", "1MiB", "--concurrency", "1", "--concurrency", "2",
+                 "--total", "8MiB", "--transfer-size", "4MiB", "--pairs", "1", "--verified-baseline", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(k in r for k in KEYS), r
+        assert r["backend"] == backend and r["chunk_size"] == 1 << 20 and r["total_bytes"] == 8 << 20
+        assert r["gbps"] > 0 and r["baseline_gbps"] > 0 and r["verified_baseline_gbps"] > 0
+        assert r["ratio"] > 0 and r["ratio_vs_verified"] > 0
+        assert r["verified_baseline"] == r["baseline"] + "_verified"
+
+
+def test_bench_transfer_refuses_a_chunk_larger_than_the_transfer():
+    out = _bench("--chunk-size", "8MiB", "--transfer-size", "4MiB")
+    assert out.returncode != 0 and "--chunk-size" in out.stderr
+
+
+def test_verified_socket_baseline_catches_a_wrong_checksum(monkeypatch):
+    base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
+    try:
+        data = memoryview(np.arange(4 << 20, dtype=np.uint8))
+        port = base.info["port"]
+        rawsock.run_baseline(port, 8 << 20, data, 1 << 20, 2, verify=True)  # honest: passes
+        monkeypatch.setattr(rawsock, "chunk_checksum", lambda view: 12345)
+        with pytest.raises(RuntimeError, match="checksum did not match"):
+            rawsock.run_baseline(port, 8 << 20, data, 1 << 20, 1, verify=True, timeout=30)
+    finally:
+        base.kill()
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+@pytest.mark.parametrize("lie", [False, True])
+def test_verified_nixl_baseline_counts_wrong_checksums(monkeypatch, lie):
+    from pdxfer.bench import nixlraw
+    from pdxfer.transport.nixl_agent import apply_ucx_env
+
+    apply_ucx_env()
+    size = 4 << 20
+    target = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(size)], ready_timeout=60)
+    writer = None
+    try:
+        data = memoryview(np.arange(size, dtype=np.uint8))
+        writer = nixlraw.RawWriter(target.info, data)
+        if lie:
+            monkeypatch.setattr(nixlraw, "chunk_checksum", lambda view: 12345)
+        writer.run(8 << 20, 1 << 20, 2, verify=True, timeout=60)
+        writer.close()
+        writer = None
+        final = target.finish(timeout=30)
+    finally:
+        if writer is not None:
+            writer.close()
+        target.kill()
+    assert final is not None and final["notifications"] == 8
+    assert final["verify_mismatches"] == (8 if lie else 0)
