@@ -18,7 +18,6 @@ above end its transfers on their own deadlines.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable
 
 import structlog
@@ -28,6 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 from pdxfer.errors import ProtocolError
 from pdxfer.protocol import messages as m
 from pdxfer.transport import loopsocket
+from pdxfer.transport.backlog import Backlog
 from pdxfer.transport.loopsocket import LoopSocket
 
 log = structlog.get_logger("pdxfer.control")
@@ -49,7 +49,7 @@ class ControlServer(LoopSocket):
             raise
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._handler = handler
-        self._backlog: dict[bytes, deque[tuple[float, bytes]]] = {}
+        self._backlog: dict[bytes, Backlog] = {}
 
     def start(self) -> None:
         """Start serving on the running loop."""
@@ -78,10 +78,11 @@ class ControlServer(LoopSocket):
         body = m.encode(msg)
         queued = self._backlog.get(identity)
         if queued is not None:  # keep this peer's order: behind what is already waiting
-            self._enqueue(identity, queued, body)
+            self._enqueue(queued, body)
             return
         if self._send_now(identity, body) is False:
-            self._enqueue(identity, self._backlog.setdefault(identity, deque()), body)
+            queued = self._backlog[identity] = Backlog(identity.hex(), _BACKLOG_MAX)
+            self._enqueue(queued, body)
         self._after_send()
 
     def _send_now(self, identity: bytes, body: bytes) -> bool | None:
@@ -95,13 +96,10 @@ class ControlServer(LoopSocket):
             log.warning("control_unroutable", peer=identity.hex(), error=str(exc))
             return None
 
-    def _enqueue(self, identity: bytes, q: deque[tuple[float, bytes]], body: bytes) -> None:
+    def _enqueue(self, q: Backlog, body: bytes) -> None:
         assert self._loop is not None
-        if len(q) >= _BACKLOG_MAX:
-            log.warning("control_backlog_full", peer=identity.hex(), queued=len(q))
-            return
-        q.append((self._loop.time() + _BACKLOG_TIMEOUT_S, body))
-        self._schedule_retry()
+        if q.push(body, self._loop.time() + _BACKLOG_TIMEOUT_S):
+            self._schedule_retry()
 
     def _has_backlog(self) -> bool:
         return bool(self._backlog)
@@ -110,21 +108,8 @@ class ControlServer(LoopSocket):
         assert self._loop is not None
         now = self._loop.time()
         moved = False
-        for identity in list(self._backlog):
-            q = self._backlog[identity]
-            while q:
-                expires, body = q[0]
-                if expires < now:
-                    log.warning("control_backlog_expired", peer=identity.hex(), dropped=len(q))
-                    q.clear()
-                    break
-                sent = self._send_now(identity, body)
-                if sent is False:
-                    break
-                q.popleft()
-                moved = True
-                if sent is None:  # peer gone: the rest cannot be routed either
-                    q.clear()
+        for identity, q in list(self._backlog.items()):
+            moved |= q.drain(lambda body, identity=identity: self._send_now(identity, body), now)
             if not q:
                 del self._backlog[identity]
         return moved
@@ -167,7 +152,7 @@ class ControlClient(LoopSocket):
             raise
         self.address = address
         self._on_message = on_message
-        self._backlog: deque[tuple[float, bytes]] = deque()
+        self._backlog = Backlog(address, _BACKLOG_MAX)
         self._attach()
         if self._mon is not None:
             assert self._loop is not None
@@ -248,10 +233,8 @@ class ControlClient(LoopSocket):
                 self._after_send()
                 return
         assert self._loop is not None
-        if len(self._backlog) >= _BACKLOG_MAX:
-            log.warning("control_backlog_full", peer=self.address, queued=len(self._backlog))
+        if not self._backlog.push(body, self._loop.time() + _BACKLOG_TIMEOUT_S):
             return
-        self._backlog.append((self._loop.time() + _BACKLOG_TIMEOUT_S, body))
         self._schedule_retry()
         self._after_send()
 
@@ -260,34 +243,23 @@ class ControlClient(LoopSocket):
 
     def _flush(self) -> bool:
         assert self._loop is not None
-        now = self._loop.time()
-        q = self._backlog
-        moved = False
-        while q:
-            expires, body = q[0]
-            if expires < now:
-                log.warning("control_backlog_expired", peer=self.address, dropped=len(q))
-                q.clear()
-                break
-            try:
-                self._sock.send(body, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as exc:
-                log.warning("control_send_failed", to=self.address, error=str(exc), dropped=len(q))
-                q.clear()
-                break
-            q.popleft()
-            moved = True
-        return moved
+        return self._backlog.drain(self._send_queued, self._loop.time())
+
+    def _send_queued(self, body: bytes) -> bool | None:
+        try:
+            self._sock.send(body, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("control_send_failed", to=self.address, error=str(exc), dropped=len(self._backlog))
+            return None
 
     def _flush_on_pollout(self) -> bool:
         return bool(self._backlog)
 
     def _drop_backlog(self) -> int:
-        n = len(self._backlog)
-        self._backlog.clear()
-        return n
+        return self._backlog.clear()
 
     def _shutdown(self) -> None:
         self._stop_monitor()
