@@ -314,14 +314,17 @@ def test_decode_killed_mid_stream(
                 break
             assert time.monotonic() < deadline, f"decode workers not both up: {states}"
             time.sleep(0.1)
-        n_tokens = 1500
+        # Stream 0 (killed) is long enough that the spare cannot have sent all of it before
+        # the kill however far behind this process is (see LONG_STREAM_TOKENS: with 1500
+        # tokens, one CI run saw both streams end "done"); stream 1 only has to finish.
+        n_tokens = [LONG_STREAM_TOKENS, 1500]
         progress = [0, 0]
         outcome: list[Any] = [None, None]
 
         def stream(i: int) -> None:
             try:
                 r = _client(proxy.url).completions.create(
-                    model=SERVED_MODEL_NAME, prompt=f"stream number {i}", max_tokens=n_tokens, temperature=0,
+                    model=SERVED_MODEL_NAME, prompt=f"stream number {i}", max_tokens=n_tokens[i], temperature=0,
                     stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
                 )
                 usage = None
@@ -359,7 +362,7 @@ def test_decode_killed_mid_stream(
             t.join(timeout=180)
         assert not any(t.is_alive() for t in threads)
         assert outcome[0] is not None and outcome[0][0] == "error", outcome  # a clean openai.APIError
-        assert outcome[1] == ("done", n_tokens), outcome  # the stream on the healthy worker is untouched
+        assert outcome[1] == ("done", n_tokens[1]), outcome  # the stream on the healthy worker is untouched
         assert "worker dropped the connection" in str(outcome[0][1]), outcome[0][1]
         assert proxy.alive()
         # later requests all go to the healthy worker
