@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,35 +10,18 @@ import pytest
 import torch
 
 from pdxfer.layout.kv import HeadSelection
-from pdxfer.pack.cuda import KERNEL_FILE, kernel_dirs
+from host_build import build_host_kernel
+from pdxfer.pack.cuda import KERNEL_FILE
 from pdxfer.pack.plan import LaunchPlan, build_launch, geometry_of, group_ranges
 from pdxfer.pack.views import BoundCaches
 
-HERE = Path(__file__).resolve().parent
 HostRun = Callable[..., LaunchPlan]
-
-
-def _kernel_path() -> Path:
-    for d in kernel_dirs():
-        if (d / KERNEL_FILE).is_file():
-            return d / KERNEL_FILE
-    raise FileNotFoundError(KERNEL_FILE)
 
 
 @pytest.fixture(scope="session")
 def host_kernel(tmp_path_factory: pytest.TempPathFactory) -> HostRun:
     """run(bound, pack, tables, t0, t1, buf, heads) through the kernel compiled with g++."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no C++ compiler in CI: the host-compiled kernel tests cannot run")
-        pytest.skip("no C++ compiler")
-    lib_path = tmp_path_factory.mktemp("hostkernel") / "libpdxhost.so"
-    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC",
-           f'-DPDX_KERNEL_SOURCE="{_kernel_path()}"', str(HERE / "host_shim.cpp"), "-o", str(lib_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"host build of the kernel failed:\n{' '.join(cmd)}\n{res.stderr}"
-    lib = ctypes.CDLL(str(lib_path))
+    lib = build_host_kernel(KERNEL_FILE, "host_shim.cpp", tmp_path_factory.mktemp("hostkernel"))
     fn = lib.pdx_host_launch
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,

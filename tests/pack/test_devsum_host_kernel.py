@@ -9,40 +9,24 @@ device.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdxfer.pack.cuda import kernel_dirs
+from host_build import build_host_kernel
 from pdxfer.pack.devsum_cuda import KERNEL_FILE, plan
 from pdxfer.protocol.devsum import devsum, finish, word_sum
 
 
-HERE = Path(__file__).resolve().parent
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
 def host_devsum(tmp_path_factory: pytest.TempPathFactory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no C++ compiler in CI: the host-compiled kernel tests cannot run")
-        pytest.skip("no C++ compiler")
-    source = next(d / KERNEL_FILE for d in kernel_dirs() if (d / KERNEL_FILE).is_file())
-    lib_path = tmp_path_factory.mktemp("hostdevsum") / "libpdxdevsum.so"
-    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC",
-           f'-DPDX_KERNEL_SOURCE="{source}"', str(HERE / "devsum_shim.cpp"), "-o", str(lib_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"host build of devsum.cu failed:\n{' '.join(cmd)}\n{res.stderr}"
-    lib = ctypes.CDLL(str(lib_path))
+    lib = build_host_kernel(KERNEL_FILE, "devsum_shim.cpp", tmp_path_factory.mktemp("hostdevsum"))
     fn = lib.pdx_host_devsum
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p]
