@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="tcp,nixl",
                    help="data paths to accept, comma-separated (nixl: only where the nixl package imports)")
     p.add_argument("--recv-piece", type=parse_size, default=None,
-                   help="TCP: receive and hash payloads in pieces of at most this size (default 256KiB)")
+                   help="TCP: receive and hash payloads in pieces of at most this size (default 1MiB)")
     p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
     p.add_argument("--nixl-max-sleep-us", type=float, default=None, help="NIXL progress: longest backoff sleep")
 

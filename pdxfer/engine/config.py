@@ -9,6 +9,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from pdxfer.protocol.frames import RECV_PIECE_BYTES
+
 BACKENDS = ("tcp", "nixl")
 
 
@@ -95,8 +97,8 @@ class ReceiverConfig:
     claim_timeout_s: float = 60.0  # a delivered transfer nobody waits for is reclaimed after this
     alignment: int = 4096
     # TCP: a chunk's payload is received, and hashed, in pieces of at most this many bytes
-    # (pdxfer.protocol.frames.RECV_PIECE_BYTES says why 256 KiB).
-    recv_piece_bytes: int = 256 << 10
+    # (pdxfer.protocol.frames.RECV_PIECE_BYTES says why 1 MiB).
+    recv_piece_bytes: int = RECV_PIECE_BYTES
     max_queue: int = 100_000
     remember_failures: int = 10_000  # late waiters still learn why a transfer failed
     # Data paths this receiver accepts. "nixl" costs nothing until a NIXL sender says HELLO:

@@ -3,7 +3,9 @@
 Receive: an `asyncio.BufferedProtocol` whose `get_buffer()` is the frame parser's
 destination, i.e. a slice of the reserved receive buffer (at most `recv_piece` bytes at
 a time), so the kernel copies each chunk straight into place (measured here: uvloop + BufferedProtocol ≈ a raw
-`recv_into` loop; stream readers reach ~0.4× of it).
+`recv_into` loop; stream readers reach ~0.4× of it). Its receive low-water mark follows
+the parser (`FrameParser.want`), so the loop is woken once per whole piece; see
+`frames.RECV_PIECE_BYTES` for what that is worth.
 
 Send: `loop.sock_sendall` on a non-blocking socket with the caller's memoryview; the
 payload is never copied into a transport buffer. A pending 1-byte `sock_recv` turns the
@@ -41,13 +43,35 @@ class DataServerProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._parser = f.FrameParser(lambda h: sink.resolve(self, h), recv_piece)
         self._error: Exception | None = None
+        self._sock: socket.socket | None = None  # set while the low-water mark follows the parser
+        self._lowat = 1  # the kernel's default
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+            self._follow_want()
         self.peer = str(transport.get_extra_info("peername"))
+
+    def _follow_want(self) -> None:
+        """Wake the loop only once the piece the parser waits for is all there: at most
+        one setsockopt per change (twice per chunk: header, then payload pieces)."""
+        want = self._parser.want
+        if want == self._lowat or self._sock is None:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self._lowat = want
+        except OSError as exc:  # a platform without it: receive as before, woken per segment
+            log.info("rcvlowat_unavailable", peer=self.peer, error=str(exc))
+            self._sock = None
+
+    @property
+    def rcvlowat(self) -> int:
+        """The receive low-water mark this connection last set (1: the kernel's default)."""
+        return self._lowat
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._parser.get_buffer()
@@ -60,6 +84,8 @@ class DataServerProtocol(asyncio.BufferedProtocol):
                 self.sink.on_frame(self, event)
         except PdxferError as exc:
             self.drop(exc)
+            return
+        self._follow_want()
 
     def drop(self, exc: Exception) -> None:
         """Close this connection because of a protocol violation; others keep serving."""

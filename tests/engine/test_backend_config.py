@@ -33,6 +33,6 @@ def test_ucx_precedence_environment_then_config_then_defaults(monkeypatch):
 
 
 def test_receive_piece_size_is_validated():
-    assert ReceiverConfig().recv_piece_bytes == 256 << 10
+    assert ReceiverConfig().recv_piece_bytes == 1 << 20
     with pytest.raises(ValueError, match="recv_piece_bytes"):
         ReceiverConfig(recv_piece_bytes=100)

@@ -109,3 +109,34 @@ def test_payload_is_handed_out_in_pieces_of_at_most_max_piece(payloads, piece):
 def test_max_piece_must_be_positive():
     with pytest.raises(ValueError, match="max_piece"):
         f.FrameParser(lambda h: None, max_piece=0)
+
+
+@given(sizes=st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=5),
+       stale=st.lists(st.booleans(), min_size=5, max_size=5),
+       piece=st.integers(min_value=1, max_value=3000),
+       cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=20))
+def test_want_never_asks_for_more_than_the_frames_still_owe(sizes, stale, piece, cuts):
+    """The TCP receiver sets its low-water mark to `want`: a mark above what the sender is
+    bound to send would leave a complete stream unread forever. However the bytes arrive,
+    `want` is what the next buffer takes and at most what the stream still holds, and
+    between frames it is exactly one header."""
+    payloads = [bytes([i]) * n for i, n in enumerate(sizes)]
+    dests = {i: bytearray(n) for i, n in enumerate(sizes)}
+    parser = f.FrameParser(lambda h: None if stale[h.chunk_index] else memoryview(dests[h.chunk_index]),
+                           max_piece=piece)
+    data = _stream([(1, i, p) for i, p in enumerate(payloads)])
+    assert parser.want == f.HEADER_SIZE
+    pos, events = 0, []
+    for step in range(10 * len(data)):  # bounded: every step moves at least one byte
+        if pos == len(data):
+            break
+        want = parser.want
+        assert want == len(parser.get_buffer())
+        assert 1 <= want <= len(data) - pos
+        n = min(want, cuts[step % len(cuts)] if cuts else want)
+        parser.get_buffer()[:n] = data[pos:pos + n]
+        events += parser.buffer_updated(n)
+        pos += n
+    assert pos == len(data) and parser.want == f.HEADER_SIZE and not parser.mid_frame
+    landed = [e.header.chunk_index for e in events if isinstance(e, f.ChunkReceived)]
+    assert landed == [i for i in range(len(sizes)) if not stale[i]]
