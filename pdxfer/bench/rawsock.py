@@ -56,20 +56,27 @@ def _serve_conn(conn: socket.socket) -> None:
         buf = memoryview(bytearray(span))
         left, pos = total, 0
         if flags & _VERIFY:
-            # A blocking recv waits for min(mark, buffer) bytes, so shorter reads never stall.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_PIECE_BYTES)
+            # With a timeout Python polls before each recv: the kernel then wakes us once
+            # `mark` bytes are queued and the recv takes them without sleeping. A blocking
+            # recv that copied part of a piece and slept for the rest was never woken (the
+            # wake-up compares the *uncopied* bytes with the mark).
+            conn.settimeout(120)
+            mark = _LowWater(conn)
             csum = bytearray(_CSUM.size)
             ok = True
             while left:
                 if pos >= span:
                     pos = 0
                 n = min(chunk, left, span - pos)
+                mark.set(_CSUM.size)
                 if not _recv_exactly(conn, memoryview(csum)):
                     return
                 h = xxhash.xxh3_64()  # the same digest as chunk_checksum, piece by piece
                 end = pos + n
                 while pos < end:
-                    got = conn.recv_into(buf[pos : min(end, pos + RECV_PIECE_BYTES)])
+                    piece = buf[pos : min(end, pos + RECV_PIECE_BYTES)]
+                    mark.set(piece.nbytes)
+                    got = conn.recv_into(piece)
                     if not got:
                         return
                     h.update(buf[pos : pos + got])  # while the piece is still in cache
@@ -87,6 +94,22 @@ def _serve_conn(conn: socket.socket) -> None:
             left -= n
             pos += n
         conn.sendall(b"\x01")
+
+
+class _LowWater:
+    """SO_RCVLOWAT set to what the next read waits for, as pdxfer's parser sets it. The
+    kernel wakes a waiting reader only once that many bytes are queued, whatever the read
+    asked for, so the mark must never exceed what the sender still owes (a fixed 1 MiB
+    mark hung this loop on the last 256 KiB chunk of a stream)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._value = 1
+
+    def set(self, nbytes: int) -> None:
+        if nbytes != self._value:
+            self._conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+            self._value = nbytes
 
 
 def serve(host: str = "127.0.0.1") -> None:

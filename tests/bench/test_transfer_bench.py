@@ -64,6 +64,20 @@ def test_verified_socket_baseline_catches_a_wrong_checksum(monkeypatch):
         base.kill()
 
 
+@pytest.mark.parametrize("chunk, conc", [(256 << 10, 1), (100_000, 2), (3 << 20, 1)])
+def test_verified_socket_baseline_never_waits_for_bytes_that_are_not_coming(chunk, conc):
+    """Its receiver sets SO_RCVLOWAT: chunks smaller than a piece, a stream that ends
+    off a piece boundary, and reads that land part of a piece must all finish (a fixed
+    1 MiB mark, and a blocking recv with a mark, both hung here)."""
+    base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
+    try:
+        data = memoryview(np.arange(8 << 20, dtype=np.uint8))
+        for _ in range(5):
+            rawsock.run_baseline(base.info["port"], (16 << 20) + 12345, data, chunk, conc, verify=True, timeout=30)
+    finally:
+        base.kill()
+
+
 @pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
 @pytest.mark.parametrize("lie", [False, True])
 def test_verified_nixl_baseline_counts_wrong_checksums(monkeypatch, lie):
