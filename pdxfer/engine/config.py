@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from pdxfer.protocol.checksum import ALGORITHMS, DEVSUM64, XXH3
 from pdxfer.protocol.frames import RECV_PIECE_BYTES
 
 BACKENDS = ("tcp", "nixl")
@@ -115,10 +116,23 @@ class ReceiverConfig:
     # there: the extent is kept out of the pool until the sender says its WRITEs are over
     # (its ABORT, sent once they finished) or for this long.
     nixl_quarantine_s: float = 30.0
+    # Where the receive region lives: "cpu" (host memory), or "cuda" / "cuda:N" (one GPU's
+    # memory, registered with NIXL as VRAM: a GPU sender WRITEs into it directly). A GPU
+    # region takes NIXL only: TCP lands bytes with recv_into, which needs host memory.
+    device: str = "cpu"
+    # Chunk checksum the region is checked with (pdxfer.protocol.checksum); None: "xxh3"
+    # on the host, "devsum64" on a GPU (computed there by a kernel).
+    checksum: str | None = None
 
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ValueError(f"ReceiverConfig.capacity must be > 0, got {self.capacity}")
+        cuda_index(self.device)  # raises on anything but cpu / cuda / cuda:N
+        if self.device != "cpu" and "tcp" in self.backends:
+            raise ValueError(f"ReceiverConfig.device={self.device!r} needs backends=('nixl',): the tcp data path "
+                             f"lands bytes in host memory only (got backends={tuple(self.backends)})")
+        if self.checksum is not None and self.checksum not in ALGORITHMS:
+            raise ValueError(f"ReceiverConfig.checksum must be one of {ALGORITHMS} or None, got {self.checksum!r}")
         if self.nixl_quarantine_s < 0:
             raise ValueError(f"ReceiverConfig.nixl_quarantine_s must be >= 0, got {self.nixl_quarantine_s}")
         if self.recv_piece_bytes < 4096:
@@ -131,6 +145,25 @@ class ReceiverConfig:
         if bad or not self.backends:
             raise ValueError(f"ReceiverConfig.backends must be a non-empty subset of {BACKENDS}, got {self.backends}")
         _check_ucx("ReceiverConfig", self.ucx)
+
+
+    @property
+    def checksum_algorithm(self) -> str:
+        if self.checksum is not None:
+            return self.checksum
+        return XXH3 if self.device == "cpu" else DEVSUM64
+
+
+def cuda_index(device: str) -> int | None:
+    """None for "cpu", the GPU index for "cuda" (0) or "cuda:N"; ValueError otherwise."""
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return 0
+    head, _, index = device.partition(":")
+    if head == "cuda" and index.isdigit():
+        return int(index)
+    raise ValueError(f"ReceiverConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 def _check_ucx(owner: str, ucx: dict[str, str]) -> None:

@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from pdxfer.errors import PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout
 from pdxfer.protocol import messages as m
+from pdxfer.protocol.checksum import ALGORITHMS
 from pdxfer.protocol.states import OutEvent, OutState
 from pdxfer.engine.lane_writes import NixlWrites
 from pdxfer.engine.liveness import Liveness
@@ -96,6 +97,7 @@ class Lane:
         self.keep = False
         self.data: DataClient | NixlDataClient | None = None
         self.backend = cfg.backend
+        self.checksum_algorithm: str | None = None  # the receiver's (HELLO_OK), once connected
         self._nixl_side = nixl_side
         self._on_closed = on_closed
         identity = f"{cfg.sender_id}/{os.urandom(6).hex()}".encode()
@@ -148,6 +150,11 @@ class Lane:
         if self.backend not in ok.capabilities:
             raise ProtocolError(f"receiver does not accept backend {self.backend!r} (it offers {ok.capabilities})",
                                 peer=self.address, waiting_for="hello")
+        if ok.checksum not in ALGORITHMS:
+            raise ProtocolError(f"receiver checks chunks with {ok.checksum!r}, which this sender does not know "
+                                f"({', '.join(ALGORITHMS)})", peer=self.address, waiting_for="hello")
+        self.checksum_algorithm = ok.checksum
+        self.out.algorithm = ok.checksum
         if nixl is not None:
             from pdxfer.transport.nixl import NixlDataClient
 
@@ -155,7 +162,7 @@ class Lane:
                 raise ProtocolError("receiver offered nixl without agent metadata", peer=self.address,
                                     waiting_for="hello")
             remote = await nixl.connect(ok.nixl_md, timeout=self.cfg.handshake_timeout_s, peer=self.address)
-            self.data = NixlDataClient(nixl, remote, self.address)
+            self.data = NixlDataClient(nixl, remote, self.address, (ok.nixl_mem, ok.nixl_dev))
         else:
             host, _, port = ok.data_address.rpartition(":")
             self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,

@@ -15,8 +15,9 @@ import asyncio
 import concurrent.futures
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from pdxfer.errors import PdxferError
-from pdxfer.protocol.checksum import chunk_checksum
+from pdxfer.errors import PdxferError, ProtocolError
+from pdxfer.layout.buffers import DeviceChunk
+from pdxfer.protocol.checksum import DEVSUM64, XXH3, chunk_checksum, host_checksum
 from pdxfer.sendq import SendItem
 from pdxfer.sendq.hashahead import HashAhead
 from pdxfer.sendq.holdings import Holdings, is_spilled
@@ -51,6 +52,7 @@ class Outgoing:
         self._hasher = (HashAhead(hash_pool, cfg.hash_ahead, max(1, cfg.hash_ahead_bytes))
                         if hash_pool is not None else None)
         self._hash_min = cfg.hash_ahead_min_bytes
+        self.algorithm = XXH3  # the receiver's chunk checksum: the lane sets it from HELLO_OK
 
     async def ready(self, item: SendItem) -> Ready | None:
         """The chunk's bytes and checksum, or None when it will not be sent after all
@@ -63,9 +65,14 @@ class Outgoing:
             if restored is None:
                 return None
             payload = restored.view
-        checksum = item.checksum
+        checksum = item.checksum if self.algorithm == XXH3 else None  # put-time hashes are xxh3
         if checksum is None:
-            checksum = await self._checksum(item, payload)
+            try:
+                checksum = await self._checksum(item, payload)
+            except PdxferError as exc:  # e.g. a GPU chunk for a receiver that checks xxh3
+                self.sent(item, restored)
+                self._fail(t.tid, exc)
+                return None
             if t.terminal:  # ended while its hash ran
                 self.sent(item, restored)
                 return None
@@ -88,9 +95,22 @@ class Outgoing:
             self.holdings.release(item.buffer, item.nbytes)
 
     # ------------------------------------------------------------------ internals
-    async def _checksum(self, item: SendItem, payload: memoryview) -> int:
+    async def _checksum(self, item: SendItem, payload: "memoryview | DeviceChunk") -> int:
         """Computed ahead on the hashing thread when there is one and the chunk is large
-        enough to be worth the hand-off (and the next chunks' hashes started), else here."""
+        enough to be worth the hand-off (and the next chunks' hashes started), else here.
+        A GPU chunk is summed on its GPU (devsum64); a host chunk for a devsum64 receiver
+        with the host reference."""
+        if isinstance(payload, DeviceChunk):
+            if self.algorithm != DEVSUM64:
+                raise ProtocolError(
+                    f"chunk {item.index} is in GPU memory but the receiver checks chunks with {self.algorithm} "
+                    "(a host region): give it ReceiverConfig(device='cuda') or checksum='devsum64'",
+                    transfer_id=item.transfer.tid)
+            from pdxfer.pack.devsum_cuda import device_checksums
+
+            return device_checksums([payload.tensor])[0]
+        if self.algorithm != XXH3:
+            return host_checksum(self.algorithm, payload)
         if self._hasher is None or payload.nbytes < self._hash_min:
             return chunk_checksum(payload)
         upcoming = (((n.transfer.tid, n.index), n.buffer) for n in self._peek(self._hasher.depth)

@@ -1,8 +1,8 @@
 """`Receiver`: the decode side's handle on pdxfer.
 
-It owns one contiguous, page-aligned receive region (an anonymous mmap here; the NIXL
-transport registers the same region once, on the first NIXL HELLO, and deregisters it in
-`close()` before the region is unmapped). Every transfer lands in a slice of it that
+It owns one contiguous receive region (`engine.region`: an anonymous mmap, or one GPU's
+memory with `device="cuda:N"`; the NIXL transport registers it once, on the first NIXL
+HELLO, and deregisters it in `close()` before it is freed). Every transfer lands in a slice of it that
 the admission controller reserved before the first byte moved. A delivered transfer
 stays reserved until the consumer calls `release()` (after unpacking it into the KV
 cache); one that nobody claims is reclaimed after `claim_timeout_s`.
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import mmap
 from typing import Any, Callable
 
 import structlog
 import zmq.asyncio
 
 from pdxfer.admission import Ledger
-from pdxfer.engine.config import ReceiverConfig
+from pdxfer.engine.config import ReceiverConfig, cuda_index
 from pdxfer.engine.receiver_core import ReceiverCore
+from pdxfer.engine.region import ReceiveRegion
 from pdxfer.engine.runtime import LoopThread
 from pdxfer.errors import TransferAborted, TransferTimeout
 from pdxfer.layout.payload import Payload
@@ -33,7 +33,8 @@ __all__ = ["Receiver", "ReceivedTransfer"]
 
 
 class ReceivedTransfer:
-    """A verified transfer's bytes, valid until `release()`."""
+    """A verified transfer's bytes, valid until `release()`: memoryviews of host memory,
+    or uint8 CUDA tensors (views, no copy) when the receiver's region is on a GPU."""
 
     def __init__(self, receiver: "Receiver", tid: str, peer: str, payload: Payload, view: memoryview) -> None:
         self._receiver = receiver
@@ -79,8 +80,8 @@ class Receiver:
         elif overrides:
             raise TypeError("pass either a ReceiverConfig or keyword overrides, not both")
         self.config = config
-        self._mmap = mmap.mmap(-1, config.capacity)
-        self.region = memoryview(self._mmap)
+        self._region = ReceiveRegion(config.capacity, cuda_index(config.device), config.checksum_algorithm)
+        self.region = self._region.buffer  # a memoryview, or a uint8 CUDA tensor
         self._rt = LoopThread(f"pdxfer-receiver-{config.receiver_id}")
         self._core: ReceiverCore | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -100,7 +101,7 @@ class Receiver:
 
     async def _astart(self) -> None:
         loop = asyncio.get_running_loop()
-        core = ReceiverCore(self.config, self.region, self._make_received)
+        core = ReceiverCore(self.config, self._region, self._make_received)
         self._core = core
         outer = self
 
@@ -161,10 +162,8 @@ class Receiver:
             except (concurrent.futures.TimeoutError, RuntimeError) as exc:
                 log.error("receiver_close_incomplete", error=repr(exc))
             self._rt.stop(timeout)
-        self.region.release()
-        try:
-            self._mmap.close()
-        except BufferError:
+        self.region = None
+        if not self._region.close():
             log.warning("receiver_region_still_exported", hint="a ReceivedTransfer view outlived close()")
 
     async def _aclose(self) -> None:

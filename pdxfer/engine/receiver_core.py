@@ -27,6 +27,7 @@ from pdxfer.admission import (
 )
 from pdxfer.engine.config import ReceiverConfig
 from pdxfer.engine.receiver_nixl import NixlInbound
+from pdxfer.engine.region import ReceiveRegion
 from pdxfer.engine.receiver_tcp import TcpInbound
 from pdxfer.errors import (
     IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout,
@@ -68,7 +69,7 @@ class Pending:
 
 
 class ReceiverCore:
-    def __init__(self, cfg: ReceiverConfig, region: memoryview, make_received: Callable[..., Any]) -> None:
+    def __init__(self, cfg: ReceiverConfig, region: ReceiveRegion, make_received: Callable[..., Any]) -> None:
         self.cfg = cfg
         self.region = region
         self.admission = AdmissionController(cfg.capacity, lease_s=cfg.lease_s, alignment=cfg.alignment,
@@ -160,7 +161,9 @@ class ReceiverCore:
         self._by_token[token] = info
         self._send(identity, m.HelloOk(cid=msg.cid, receiver_id=self.cfg.receiver_id, capabilities=self.capabilities,
                                        data_address=self.data_address, conn_token=token,
-                                       lease_ms=int(self.cfg.lease_s * 1000), nixl_md=nixl_md))
+                                       lease_ms=int(self.cfg.lease_s * 1000), nixl_md=nixl_md,
+                                       nixl_mem=self.region.mem, nixl_dev=self.region.dev,
+                                       checksum=self.region.algorithm))
 
     def _on_reserve(self, identity: bytes, key: str, msg: m.Reserve, now: float) -> None:
         payload = Payload(tuple(msg.chunk_sizes))
@@ -182,7 +185,7 @@ class ReceiverCore:
     def _open(self, grant: Grant, payload: Payload) -> None:
         slot = self._next_slot
         self._next_slot += 1
-        view = self.region[grant.offset : grant.offset + payload.total_bytes]
+        view = self.region.buffer[grant.offset : grant.offset + payload.total_bytes]
         self.inbound[slot] = InboundTransfer(grant.transfer_id, grant.peer, slot, payload, view)
         self._slot_of[grant.transfer_id] = slot
         identity, cid = self._reply_to[grant.transfer_id]

@@ -7,7 +7,8 @@ registration of the whole receive region) is created on the first HELLO that ask
 A NIXL chunk needs no resolver: the sender already wrote it where the GRANT said. Its
 notification is the data-frame header, so `InboundTransfer.destination()` validates
 slot, index, offset and length exactly as for a TCP frame; then the landed bytes are
-hashed and `chunk_arrived()` takes over. The progress thread polls for notifications
+checksummed where they are (`ReceiveRegion.checksums`: host, or the region's GPU) and
+`chunk_arrived()` takes over. The progress thread polls for notifications
 only while some granted NIXL transfer has not ended (`want_notifs`), and parks otherwise.
 """
 
@@ -15,17 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
 from pdxfer.errors import IntegrityError, ProtocolError
 from pdxfer.protocol import messages as m
-from pdxfer.protocol.checksum import chunk_checksum
+from pdxfer.protocol.frames import FrameHeader
+from pdxfer.protocol.inbound import InboundTransfer
 from pdxfer.transport.nixl import NixlRecvSide, parse_notif  # cheap: nixl itself is imported lazily
 
 if TYPE_CHECKING:
     from pdxfer.engine.receiver_core import ReceiverCore
+    from pdxfer.engine.region import ReceiveRegion
 
 log = structlog.get_logger("pdxfer.receiver")
 
@@ -33,7 +36,7 @@ Accept = Callable[[bytes], None]  # send HELLO_OK with this NIXL metadata
 
 
 class NixlInbound:
-    def __init__(self, core: "ReceiverCore", region: memoryview) -> None:
+    def __init__(self, core: "ReceiverCore", region: "ReceiveRegion") -> None:
         self.core = core
         self.region = region
         self.side: NixlRecvSide | None = None
@@ -124,25 +127,31 @@ class NixlInbound:
 
     # ------------------------------------------------------------------ notifications
     def on_notifs(self, batch: dict[str, list[bytes]]) -> None:
-        """Called on the loop by the progress thread with {agent name: [notification, ...]}."""
+        """Called on the loop by the progress thread with {agent name: [notification, ...]}.
+        The landed chunks of the whole batch are checksummed together (on a GPU region:
+        one kernel launch), then each is checked against its header."""
         now = self.core.loop.time()
+        landed: list[tuple[InboundTransfer, FrameHeader, Any]] = []
         for agent, msgs in batch.items():
             agent = agent.decode() if isinstance(agent, bytes) else agent
             key = self.agents.get(agent)
             for raw in msgs:
                 try:
-                    self._on_chunk(agent, key, raw, now)
+                    landed += self._landed(agent, key, raw, now)
                 except Exception:  # one bad notification must not lose the others
                     log.exception("nixl_notif_failed", agent=agent)
+        if landed:
+            self._check(landed)
         self.core._schedule()
 
-    def _on_chunk(self, agent: str, key: str | None, raw: bytes, now: float) -> None:
+    def _landed(self, agent: str, key: str | None, raw: bytes, now: float) -> list[tuple[InboundTransfer, FrameHeader, Any]]:
         core = self.core
         try:
             headers = parse_notif(bytes(raw))
         except ProtocolError as exc:
             log.error("nixl_notif_malformed", agent=agent, error=str(exc))
-            return
+            return []
+        out = []
         for header in headers:
             t = core.inbound.get(header.slot)
             if t is None:
@@ -158,8 +167,24 @@ class NixlInbound:
                 core._fail_transfer(t, exc, "protocol")
                 continue
             core.admission.renew(t.tid, now=now)
+            out.append((t, header, view))
+        return out
+
+    def _check(self, landed: list[tuple[InboundTransfer, FrameHeader, Any]]) -> None:
+        core = self.core
+        try:
+            sums = core.region.checksums([view for _, _, view in landed])
+        except Exception as exc:  # e.g. the GPU kernel failed: these chunks cannot be vouched for
+            log.exception("nixl_checksum_failed", chunks=len(landed))
+            for t in {id(t): t for t, _, _ in landed}.values():
+                core._fail_transfer(t, IntegrityError(f"checksumming landed chunks failed: {exc!r}",
+                                                      transfer_id=t.tid, peer=t.peer), "integrity")
+            return
+        for (t, header, view), actual in zip(landed, sums):
+            if core.inbound.get(t.slot) is not t:
+                continue  # failed by an earlier chunk of this batch
             try:
-                t.chunk_arrived(header, view, chunk_checksum(view))
+                t.chunk_arrived(header, view, actual)
             except IntegrityError as exc:
                 core._fail_transfer(t, exc, "integrity")
                 continue

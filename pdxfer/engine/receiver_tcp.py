@@ -16,6 +16,7 @@ import structlog
 from pdxfer.admission import Ended
 from pdxfer.errors import IntegrityError, ProtocolError
 from pdxfer.protocol import frames as f
+from pdxfer.protocol.checksum import XXH3
 from pdxfer.transport.tcp import DataServerProtocol
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class TcpInbound:
 
     def resolve(self, conn: DataServerProtocol, header: f.FrameHeader) -> memoryview | None:
         core = self.core
+        if core.region.on_gpu:  # HELLO_OK never offers tcp then; a client that tries anyway
+            raise ProtocolError("this receiver's region is in GPU memory: it takes NIXL WRITEs, not TCP data")
         t = core.inbound.get(header.slot)
         if t is None:
             if header.slot < core._next_slot:
@@ -54,8 +57,11 @@ class TcpInbound:
             t = core.inbound.get(event.header.slot)
             if t is None:
                 return
+            actual = event.checksum  # xxh3, computed piece by piece as the bytes landed
+            if core.region.algorithm != XXH3:
+                actual = core.region.checksums([event.view])[0]
             try:
-                t.chunk_arrived(event.header, event.view, event.checksum)
+                t.chunk_arrived(event.header, event.view, actual)
             except IntegrityError as exc:
                 core._fail_transfer(t, exc, "integrity")
                 return

@@ -28,8 +28,9 @@ from pdxfer.engine.lane import Lane
 from pdxfer.engine.outctx import OutCtx, TransferResult
 from pdxfer.engine.runtime import LoopThread
 from pdxfer.errors import Backpressure, PdxferError, TransferAborted
+from pdxfer.layout.buffers import ChunkBuffer, chunk_buffer, is_device_buffer
 from pdxfer.layout.payload import Payload
-from pdxfer.protocol.checksum import chunk_checksum
+from pdxfer.protocol.checksum import XXH3, chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutState
 from pdxfer.sendq import MemoryBudget
@@ -45,14 +46,13 @@ __all__ = ["Sender", "OutboundHandle", "TransferResult"]
 _BEFORE_GRANT = (OutState.WAITING_PEER, OutState.RESERVING, OutState.QUEUED)
 
 
-def as_bytes_view(buf: Any) -> memoryview:
-    """A flat byte view of any C-contiguous buffer (bytes, numpy, torch CPU via .numpy())."""
-    mv = memoryview(buf)
-    if mv.format == "B" and mv.ndim == 1:
-        return mv
-    if not mv.c_contiguous:
-        raise ValueError("chunk buffers must be C-contiguous")
-    return mv.cast("B")
+def _chunk_for(cfg: SenderConfig, tid: str, index: int, buffer: Any) -> ChunkBuffer:
+    """The chunk as it will travel; GPU memory is refused, naming the chunk, on a path
+    that can only send host memory."""
+    if is_device_buffer(buffer) and cfg.backend != "nixl":
+        raise ValueError(f"transfer {tid}: chunk {index} is in GPU memory, and the {cfg.backend!r} data path "
+                         "sends host memory only: use SenderConfig(backend='nixl') to WRITE it from VRAM")
+    return chunk_buffer(buffer)
 
 
 class OutboundHandle:
@@ -69,8 +69,12 @@ class OutboundHandle:
 
     def put(self, index: int, buffer: Any, *, timeout: float | None = None) -> None:
         """Queue chunk `index`. The buffer must stay unchanged until the future resolves
-        (or use `release` semantics of a later spill tier); it is not copied."""
-        view = as_bytes_view(buffer)
+        (or use `release` semantics of a later spill tier); it is not copied.
+
+        A buffer in GPU memory (CUDA tensor, `__cuda_array_interface__`) goes only over
+        NIXL, WRITEn from VRAM, and is checked with devsum64 computed on its GPU; such a
+        chunk never spills (it waits for budget instead)."""
+        view = _chunk_for(self._sender.config, self.transfer_id, index, buffer)
         _, length = self.payload.chunk_range(index)
         if view.nbytes != length:
             raise ValueError(f"transfer {self.transfer_id}: chunk {index} has {view.nbytes} bytes, payload says {length}")
@@ -81,7 +85,8 @@ class OutboundHandle:
         if self.future.done():
             exc = self.future.exception()
             raise exc if exc is not None else TransferAborted("transfer already finished", transfer_id=self.transfer_id)
-        checksum = chunk_checksum(view) if self._sender.config.checksum_on_put else None
+        on_put = self._sender.config.checksum_on_put and isinstance(view, memoryview)
+        checksum = chunk_checksum(view) if on_put else None
         budget = self._sender._budget
         try:
             budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
@@ -279,8 +284,8 @@ class Sender:
     def submit(self, peer: str, transfer_id: str, chunks: Sequence[Any], *, deadline_s: float | None = None,
                submit_timeout_s: float | None = None) -> "concurrent.futures.Future[TransferResult]":
         """Send a whole list of chunk buffers as one transfer."""
-        views = [as_bytes_view(c) for c in chunks]
-        handle = self.open(peer, transfer_id, Payload.of(views), deadline_s=deadline_s)
+        views = [_chunk_for(self.config, transfer_id, i, c) for i, c in enumerate(chunks)]
+        handle = self.open(peer, transfer_id, Payload(tuple(v.nbytes for v in views)), deadline_s=deadline_s)
         try:
             for i, v in enumerate(views):
                 handle.put(i, v, timeout=submit_timeout_s)
@@ -327,7 +332,8 @@ class Sender:
         if ctx.out.terminal or lane is None:
             self._budget.release(view.nbytes)
             return
-        if checksum is None and index == 0 and ctx.out.state in _BEFORE_GRANT:
+        if (checksum is None and index == 0 and ctx.out.state in _BEFORE_GRANT and isinstance(view, memoryview)
+                and lane.checksum_algorithm in (None, XXH3)):
             # The first chunk is what the send waits for once the GRANT arrives: hash it
             # now, while the loop has nothing to do but wait for that GRANT (~0.2 ms per
             # 2 MiB taken off every transfer's start).
@@ -338,7 +344,7 @@ class Sender:
             self._budget.release(view.nbytes)
             lane.fail(ctx, TransferAborted(str(exc), transfer_id=ctx.out.tid, peer=ctx.out.peer))
             return
-        if self._spill is not None and self._spill.wants(ctx):
+        if self._spill is not None and isinstance(view, memoryview) and self._spill.wants(ctx):
             self._spill.spill_now(ctx, [(index, view, checksum)])
             return
         lane.chunks_ready(ctx)

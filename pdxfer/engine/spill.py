@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import structlog
 
 from pdxfer.errors import PdxferError, SpillExhausted
+from pdxfer.layout.buffers import DeviceChunk
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.states import OutState
 from pdxfer.sendq import MemoryBudget
@@ -89,8 +90,8 @@ class SpillCoordinator:
             if ctx.out.state not in UNGRANTED:
                 continue
             for index, buf, csum in sorted(ctx.out.held_chunks(), key=lambda h: h[0], reverse=True):
-                if is_spilled(buf) or (ctx.out.tid, index) in self._claimed:
-                    continue
+                if is_spilled(buf) or isinstance(buf, DeviceChunk) or (ctx.out.tid, index) in self._claimed:
+                    continue  # GPU chunks stay where they are: the tiers hold host copies
                 self._claimed.add((ctx.out.tid, index))
                 out.append((ctx, index, buf, csum))
                 total += ctx.out.payload.chunk_sizes[index]
@@ -111,7 +112,8 @@ class SpillCoordinator:
             return
         ctx.extra["spill_all"] = True
         ctx.log.debug("spill_waited", after_s=self.cfg.spill_after_s)
-        self.spill_now(ctx, [(i, b, c) for i, b, c in ctx.out.held_chunks() if not is_spilled(b)])
+        self.spill_now(ctx, [(i, b, c) for i, b, c in ctx.out.held_chunks()
+                             if not is_spilled(b) and not isinstance(b, DeviceChunk)])
 
     def wants(self, ctx: "OutCtx") -> bool:
         """A chunk just put for this transfer should go straight to a tier."""

@@ -47,6 +47,11 @@ class HelloOk(_Msg, tag="hello_ok"):
     conn_token: int  # the sender opens its data connection with this token
     lease_ms: int
     nixl_md: bytes | None = None  # receiver's NIXL agent metadata, when the sender asked for "nixl"
+    # What its region is and how it checks chunks (protocol.checksum): the sender WRITEs
+    # with these memory descriptors and computes this checksum for every chunk.
+    nixl_mem: str = "DRAM"  # "DRAM" | "VRAM"
+    nixl_dev: int = 0  # GPU index of a VRAM region
+    checksum: str = "xxh3"  # "xxh3" | "devsum64"
 
 
 class Reserve(_Msg, tag="reserve"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdxfer.layout.payload import Payload
+from pdxfer.layout.buffers import nbytes_of
 from pdxfer.protocol.checksum import transfer_digest
 from pdxfer.protocol.states import OUT_TRANSITIONS, OutEvent, OutState, step
 
@@ -34,8 +35,9 @@ class OutboundTransfer:
 
     def add_chunk(self, index: int, buffer: Any, checksum: int | None) -> None:
         offset, length = self.payload.chunk_range(index)
-        if memoryview(buffer).nbytes != length:
-            raise ValueError(f"transfer {self.tid}: chunk {index} has {memoryview(buffer).nbytes} bytes, payload says {length}")
+        nbytes = nbytes_of(buffer)
+        if nbytes != length:
+            raise ValueError(f"transfer {self.tid}: chunk {index} has {nbytes} bytes, payload says {length}")
         if index in self._seen:
             raise ValueError(f"transfer {self.tid}: chunk {index} submitted twice")
         self._seen.add(index)

@@ -32,6 +32,7 @@ import ctypes
 import functools
 import hashlib
 import mmap
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -39,7 +40,10 @@ from pdxfer.errors import PeerLost, ProtocolError, TransferTimeout
 from pdxfer.protocol import frames as f
 from pdxfer.transport.nixl_agent import NixlAgent
 from pdxfer.transport.nixl_progress import NixlProgress, NotifSink
-from pdxfer.transport.nixl_regcache import buffer_address
+
+if TYPE_CHECKING:
+    from pdxfer.engine.region import ReceiveRegion
+    from pdxfer.layout.buffers import DeviceChunk
 
 log = structlog.get_logger("pdxfer.nixl")
 
@@ -85,14 +89,16 @@ def populate(addr: int, nbytes: int) -> bool:
 class NixlRecvSide:
     """The receiver's agent, its registered region and its progress thread."""
 
-    def __init__(self, name: str, region: memoryview, ucx: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, region: "ReceiveRegion", ucx: dict[str, str] | None = None) -> None:
         """Blocking (~0.5 s for the agent): call it off the event loop."""
         self.agent = NixlAgent(name, ucx)
         try:
-            self.base_addr = buffer_address(region)
+            self.base_addr = region.addr
             self.nbytes = region.nbytes
-            self.populated = populate(self.base_addr, self.nbytes)
-            self._reg = self.agent.register(self.base_addr, self.nbytes)
+            self.mem, self.dev = region.mem, region.dev
+            # GPU memory is committed at allocation; only host pages fault on first touch.
+            self.populated = populate(self.base_addr, self.nbytes) if region.mem == "DRAM" else True
+            self._reg = self.agent.register(self.base_addr, self.nbytes, region.mem, region.dev)
             self.metadata = self.agent.metadata()  # includes the registration: senders can WRITE after loading it
             self.progress = NixlProgress(self.agent, f"recv-{name}")
         except BaseException:
@@ -168,10 +174,12 @@ class NixlSendSide:
 class NixlDataClient:
     """One lane's NIXL data path to one receiver agent."""
 
-    def __init__(self, side: NixlSendSide, remote: str, peer: str) -> None:
+    def __init__(self, side: NixlSendSide, remote: str, peer: str,
+                 remote_mem: tuple[str, int] = ("DRAM", 0)) -> None:
         self.side = side
         self.remote = remote
         self.peer = peer
+        self.remote_mem = remote_mem  # the receiver region's (memory kind, device), from HELLO_OK
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[Exception] = self._loop.create_future()
         self._inflight: set[asyncio.Future[None]] = set()
@@ -181,7 +189,7 @@ class NixlDataClient:
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    def send_chunk(self, *, tid: str, slot: int, index: int, offset: int, payload: memoryview,
+    def send_chunk(self, *, tid: str, slot: int, index: int, offset: int, payload: "memoryview | DeviceChunk",
                    checksum: int, base_addr: int) -> "asyncio.Future[None]":
         """Hand the chunk's WRITE to the progress thread; the future resolves when the WRITE
         completed (PeerLost if it failed)."""
@@ -192,7 +200,8 @@ class NixlDataClient:
         n = payload.nbytes
         self._inflight.add(fut)
         self.side.progress.post(self._loop, functools.partial(self._on_done, fut), payload, base_addr + offset, n,
-                                self.remote, pack_notif(slot, index, offset, n, checksum), owner=tid)
+                                self.remote, pack_notif(slot, index, offset, n, checksum), owner=tid,
+                                remote_mem=self.remote_mem)
         return fut
 
     def _on_done(self, fut: "asyncio.Future[None]", state: str, err: str) -> None:

@@ -43,7 +43,15 @@ log = structlog.get_logger("pdxfer.nixl")
 # processes on a host) plus shared-memory queues for notifications; `tcp` must stay in the
 # list here (with only sm/cma, creating the UCX backend fails). On a cluster set UCX_TLS
 # and UCX_NET_DEVICES in the environment (or `ucx=` in the config); they win.
+# Where a GPU is present, `cuda_copy` (host<->device staging) and `cuda_ipc` (GPU to GPU on
+# one node) are added so VRAM regions and chunks have a transport.
 UCX_DEFAULTS: dict[str, str] = {"UCX_TLS": "tcp,self,sm", "UCX_NET_DEVICES": "lo"}
+_CUDA_TLS = ",cuda_copy,cuda_ipc"
+
+
+def _has_nvidia_gpu() -> bool:
+    """Cheap (no CUDA init, no torch import): the driver's device node exists."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 _IMPORT_ERROR: str | None = None
 _api: Any = None
 
@@ -83,7 +91,10 @@ def apply_ucx_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
 
     Precedence: the process environment (what the operator set) > `overrides` (config) >
     `UCX_DEFAULTS`. Values are only ever added to the environment, never replaced."""
-    for key, value in {**UCX_DEFAULTS, **(overrides or {})}.items():
+    defaults = dict(UCX_DEFAULTS)
+    if _has_nvidia_gpu():
+        defaults["UCX_TLS"] += _CUDA_TLS
+    for key, value in {**defaults, **(overrides or {})}.items():
         if not key.startswith("UCX_"):
             raise ValueError(f"UCX setting {key!r} must start with UCX_")
         os.environ.setdefault(key, str(value))
@@ -126,11 +137,12 @@ class NixlAgent:
         with self.lock:
             return bytes(self._agent.get_agent_metadata())
 
-    def register(self, addr: int, nbytes: int) -> Any:
-        """Register host memory [addr, addr+nbytes) with UCX; returns the handle for deregister()."""
+    def register(self, addr: int, nbytes: int, mem: str = "DRAM", dev: int = 0) -> Any:
+        """Register [addr, addr+nbytes) of host ("DRAM") or GPU `dev` ("VRAM") memory with
+        UCX; returns the handle for deregister()."""
         with self.lock:
             self._check_open()
-            reg = self._agent.register_memory([(addr, nbytes, 0, "")], "DRAM")
+            reg = self._agent.register_memory([(addr, nbytes, dev, "")], mem)
             self._regs.append(reg)
             return reg
 
@@ -164,10 +176,12 @@ class NixlAgent:
                 log.debug("nixl_remove_remote_failed", agent=self.name, remote=name, error=repr(exc))
 
     # ------------------------------------------------------------------ data path
-    def post_write(self, segments: list[tuple[int, int, int]], remote: str,
-                   notif: bytes) -> tuple[Any, str, str]:
+    def post_write(self, segments: list[tuple[int, int, int]], remote: str, notif: bytes,
+                   local_mem: tuple[str, int] = ("DRAM", 0),
+                   remote_mem: tuple[str, int] = ("DRAM", 0)) -> tuple[Any, str, str]:
         """One-sided WRITE of (local_addr, remote_addr, nbytes) segments as one request,
         with one notification delivered after all of them: (handle or None, state, error).
+        `local_mem` / `remote_mem`: (memory kind, device id) of every local / remote segment.
 
         state "DONE": finished during the post (shared-memory/cma copies are synchronous)
         and the handle is already released; "PROC": poll `handle`; "ERR": failed, released."""
@@ -176,8 +190,9 @@ class NixlAgent:
                 return None, "ERR", "NIXL agent is closed"
             a = self._agent
             try:
-                h = a.initialize_xfer("WRITE", a.get_xfer_descs([(la, n, 0) for la, _, n in segments], "DRAM"),
-                                      a.get_xfer_descs([(ra, n, 0) for _, ra, n in segments], "DRAM"), remote, notif)
+                (lk, ld), (rk, rd) = local_mem, remote_mem
+                h = a.initialize_xfer("WRITE", a.get_xfer_descs([(la, n, ld) for la, _, n in segments], lk),
+                                      a.get_xfer_descs([(ra, n, rd) for _, ra, n in segments], rk), remote, notif)
             except Exception as exc:
                 return None, "ERR", _describe(exc)
             try:

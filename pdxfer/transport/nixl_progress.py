@@ -12,7 +12,8 @@ idle. So each process side (sender, receiver) has one `NixlProgress` thread that
   NIXL). Registration happens here too, through the `RegistrationCache` this thread owns:
   registering from the loop had to wait for the agent lock held across each copy, which
   stalled the pipeline once per chunk (~0.6 of raw NIXL with one transfer in flight).
-  Consecutive WRITEs to one peer go out as one NIXL request (up to `max_batch` chunks)
+  Consecutive WRITEs to one peer (between the same memory kinds: DRAM/VRAM) go out as
+  one NIXL request (up to `max_batch` chunks)
   with their notifications concatenated: one request, one notification and one loop
   wake-up per batch (raw NIXL alone gained ~5% from 8 descriptors per request);
 - **blocks on a `threading.Event`** — zero CPU — while nothing is outstanding (no post
@@ -43,6 +44,7 @@ from typing import Any, Callable, NamedTuple
 
 import structlog
 
+from pdxfer.layout.buffers import DRAM, DeviceChunk, mem_of
 from pdxfer.transport.nixl_agent import NixlAgent
 from pdxfer.transport.nixl_regcache import Key, RegistrationCache
 
@@ -55,12 +57,14 @@ NotifSink = Callable[[dict[str, list[bytes]]], None]
 class _Post(NamedTuple):
     loop: asyncio.AbstractEventLoop
     done: Done
-    local: memoryview | int  # a buffer to register (through the cache) or a registered address
+    local: "memoryview | DeviceChunk | int"  # a buffer to register (through the cache) or a registered address
     owner: str  # transfer id: its registrations are dropped when it ends
     remote_addr: int
     nbytes: int
     remote: str
     notif: bytes
+    local_mem: tuple[str, int]  # (NIXL memory kind, device) of `local`
+    remote_mem: tuple[str, int]
 
 
 # handle, loop, and per WRITE in the request: (done, registration)
@@ -103,15 +107,19 @@ class NixlProgress:
         self._thread.start()
 
     # ------------------------------------------------------------------ API (any thread)
-    def post(self, loop: asyncio.AbstractEventLoop, done: Done, local: memoryview | int, remote_addr: int,
-             nbytes: int, remote: str, notif: bytes, owner: str = "") -> None:
-        """WRITE `local` (a buffer, registered here on first use, or an already registered
-        address) to `remote` at `remote_addr` with `notif`; `done(state, error)` on `loop`."""
+    def post(self, loop: asyncio.AbstractEventLoop, done: Done, local: "memoryview | DeviceChunk | int",
+             remote_addr: int, nbytes: int, remote: str, notif: bytes, owner: str = "",
+             remote_mem: tuple[str, int] = (DRAM, 0)) -> None:
+        """WRITE `local` (a host or GPU buffer, registered here on first use, or an already
+        registered host address) to `remote` at `remote_addr` (in memory `remote_mem`) with
+        `notif`; `done(state, error)` on `loop`."""
+        local_mem = mem_of(local) if not isinstance(local, int) else (DRAM, 0)
         with self._mu:
             if self._stopping:
                 _call(loop, _run_all, [(done, ("ERR", "NIXL progress thread stopped"))])
                 return
-            self._posts.append(_Post(loop, done, local, owner, remote_addr, nbytes, remote, notif))
+            self._posts.append(_Post(loop, done, local, owner, remote_addr, nbytes, remote, notif,
+                                     local_mem, remote_mem))
         self._wake.set()
 
     def end_owner(self, owner: str) -> None:
@@ -232,7 +240,8 @@ class NixlProgress:
             size = first.nbytes
             i += 1
             while (i < len(posts) and len(group) < self.max_batch and posts[i].loop is first.loop
-                   and posts[i].remote == first.remote and size + posts[i].nbytes <= self.max_batch_bytes):
+                   and posts[i].remote == first.remote and posts[i].local_mem == first.local_mem
+                   and posts[i].remote_mem == first.remote_mem and size + posts[i].nbytes <= self.max_batch_bytes):
                 group.append(posts[i])
                 size += posts[i].nbytes
                 i += 1
@@ -258,7 +267,8 @@ class NixlProgress:
             members.append((p, key))
         if not members:
             return
-        handle, state, err = self.agent.post_write(segments, group[0].remote, b"".join(notifs))
+        handle, state, err = self.agent.post_write(segments, group[0].remote, b"".join(notifs),
+                                                   group[0].local_mem, group[0].remote_mem)
         self.stats.posts += 1
         if state == "PROC":
             with self._mu:

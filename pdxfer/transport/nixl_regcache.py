@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pdxfer.layout.buffers import DRAM, VRAM, DeviceChunk
 from pdxfer.transport.nixl_agent import NixlAgent
 
 Key = tuple[int, int]
@@ -36,7 +37,7 @@ def buffer_address(view: memoryview) -> int:
 @dataclass
 class _Entry:
     reg: Any
-    view: memoryview  # pins the buffer (its address stays valid) while registered
+    view: "memoryview | DeviceChunk"  # pins the buffer (its address stays valid) while registered
     refs: int = 0  # WRITEs in flight from this entry
     owners: set[str] = field(default_factory=set)  # live transfers that used it
 
@@ -60,14 +61,19 @@ class RegistrationCache:
     def registered_bytes(self) -> int:
         return sum(k[1] for k in self._entries)
 
-    def acquire(self, view: memoryview, owner: str) -> tuple[Key, int]:
-        """Registration for `view` (registered now if not cached); returns (key, address)."""
-        addr = buffer_address(view)
+    def acquire(self, view: "memoryview | DeviceChunk", owner: str) -> tuple[Key, int]:
+        """Registration for `view` (registered now if not cached); returns (key, address).
+        Host and GPU addresses share one (unified) address space, so keys cannot collide."""
+        if isinstance(view, DeviceChunk):
+            addr, pin, mem, dev = view.addr, view, VRAM, view.device
+        else:
+            addr, pin, mem, dev = buffer_address(view), None, DRAM, 0
         key = (addr, view.nbytes)
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
-            entry = _Entry(self._agent.register(addr, view.nbytes), memoryview(view))  # our own export
+            entry = _Entry(self._agent.register(addr, view.nbytes, mem, dev),
+                           pin if pin is not None else memoryview(view))  # host: our own export
             self._entries[key] = entry
         else:
             self.hits += 1
@@ -121,4 +127,5 @@ class RegistrationCache:
             if keys is not None:
                 keys.discard(key)
         self._agent.deregister(entry.reg)
-        entry.view.release()  # our own view only: the caller's view stays usable
+        if isinstance(entry.view, memoryview):
+            entry.view.release()  # our own view only: the caller's view stays usable
