@@ -32,15 +32,23 @@ from pdxfer.transport.nixl_progress import NixlProgress
 from pdxfer.transport.nixl_regcache import buffer_address
 
 
-def serve(size: int) -> None:
-    """Run the baseline target until stdin closes; prints {"md", "addr", "size", "ucx_tls"} first."""
+def serve(size: int, device: str = "cpu") -> None:
+    """Run the baseline target until stdin closes; prints {"md", "addr", "size", "ucx_tls"} first.
+    `device` "cuda": the target buffer is GPU memory (VRAM), verified with devsum64 there."""
     agent = NixlAgent(f"nixlraw-target-{time.monotonic_ns()}")
-    region = mmap.mmap(-1, size)
-    addr = buffer_address(memoryview(region))
-    agent.register(addr, size)
+    region: Any = None
+    if device == "cpu":
+        region = mmap.mmap(-1, size)
+        view: Any = memoryview(region)
+        addr, mem = buffer_address(view), ("DRAM", 0)
+    else:
+        import torch
+
+        view = torch.empty(size, dtype=torch.uint8, device=device)
+        addr, mem = int(view.data_ptr()), ("VRAM", view.device.index or 0)
+    agent.register(addr, size, *mem)
     progress = NixlProgress(agent, "nixlraw-target")
     count = [0, 0]  # notifications, verification mismatches
-    view = memoryview(region)
 
     def on_notifs(notifs: dict[str, list[bytes]]) -> None:
         for msgs in notifs.values():
@@ -48,21 +56,31 @@ def serve(size: int) -> None:
                 count[0] += 1
                 if len(raw) == _VERIFY_NOTIF.size:
                     _, off, n, csum = _VERIFY_NOTIF.unpack(raw)
-                    count[1] += chunk_checksum(view[off : off + n]) != csum
+                    count[1] += _checksum(view[off : off + n]) != csum
 
     loop = _NoLoop(on_notifs)
     progress.set_sink(loop, loop.sink)  # type: ignore[arg-type]
     progress.want_notifs(+1)  # always listening: a bench target has nothing else to do
     print(json.dumps({"md": base64.b64encode(agent.metadata()).decode(), "addr": addr, "size": size,
-                      "ucx_tls": agent.ucx_env.get("UCX_TLS")}), flush=True)
+                      "mem": list(mem), "ucx_tls": agent.ucx_env.get("UCX_TLS")}), flush=True)
     sys.stdin.read()
     progress.stop()
     agent.close()
-    view.release()
+    if isinstance(view, memoryview):
+        view.release()
     print(json.dumps({"notifications": count[0], "verify_mismatches": count[1]}), flush=True)
 
 
 _VERIFY_NOTIF = struct.Struct("<QQQQ")  # sequence number, offset, length, checksum
+
+
+def _checksum(chunk: Any) -> int:
+    """What pdxfer's receiver would compute there: xxh3 on the host, devsum64 on a GPU."""
+    if hasattr(chunk, "is_cuda"):
+        from pdxfer.pack.devsum_cuda import device_checksums
+
+        return device_checksums([chunk])[0]
+    return chunk_checksum(chunk)
 
 
 class _NoLoop:
@@ -78,14 +96,20 @@ class _NoLoop:
 class RawWriter:
     """The bench process's side: its own agent, the source buffer registered once."""
 
-    def __init__(self, target: dict[str, Any], data: memoryview) -> None:
+    def __init__(self, target: dict[str, Any], data: Any) -> None:
+        """`data`: a host buffer (memoryview) or a uint8 CUDA tensor (WRITEs from VRAM)."""
         self.agent = NixlAgent(f"nixlraw-writer-{time.monotonic_ns()}")
         self.remote = self.agent.add_remote(base64.b64decode(target["md"]))
         self.remote_addr = int(target["addr"])
-        self.span = min(int(target["size"]), data.nbytes)
+        self.remote_mem = tuple(target.get("mem", ("DRAM", 0)))
+        nbytes = int(data.numel()) if hasattr(data, "is_cuda") else data.nbytes
+        self.span = min(int(target["size"]), nbytes)
         self.data = data
-        self.local_addr = buffer_address(data)
-        self.agent.register(self.local_addr, data.nbytes)
+        if hasattr(data, "is_cuda"):
+            self.local_addr, self.local_mem = int(data.data_ptr()), ("VRAM", data.device.index or 0)
+        else:
+            self.local_addr, self.local_mem = buffer_address(data), ("DRAM", 0)
+        self.agent.register(self.local_addr, nbytes, *self.local_mem)
 
     def run(self, total_bytes: int, chunk: int, concurrency: int, timeout: float = 120.0, *,
             verify: bool = False) -> float:
@@ -101,11 +125,11 @@ class RawWriter:
                     pos = 0
                 n = min(chunk, left, self.span - pos)
                 if verify:
-                    notif = _VERIFY_NOTIF.pack(seq, pos, n, chunk_checksum(self.data[pos : pos + n]))
+                    notif = _VERIFY_NOTIF.pack(seq, pos, n, _checksum(self.data[pos : pos + n]))
                 else:
                     notif = seq.to_bytes(8, "little")
                 h, state, err = self.agent.post_write([(self.local_addr + pos, self.remote_addr + pos, n)], self.remote,
-                                                      notif)
+                                                      notif, self.local_mem, self.remote_mem)  # type: ignore[arg-type]
                 if state == "ERR":
                     raise RuntimeError(f"baseline WRITE failed: {err}")
                 if h is not None:
@@ -131,7 +155,7 @@ def main() -> None:
     from pdxfer.logs import configure
 
     configure("warning")
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "cpu")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ def make(nbytes: int, transfer_id: str, index: int) -> np.ndarray:
     return fill(np.empty(nbytes, dtype=np.uint8), transfer_id, index)
 
 
-def check(view: memoryview, transfer_id: str, index: int) -> bool:
-    got = np.frombuffer(view, dtype=np.uint8)
+def check(view: object, transfer_id: str, index: int) -> bool:
+    """`view`: host bytes, or a uint8 CUDA tensor (a GPU receiver's chunk; copied back)."""
+    if hasattr(view, "is_cuda"):
+        view = view.cpu().numpy()  # type: ignore[attr-defined]
+    got = np.frombuffer(view, dtype=np.uint8)  # type: ignore[call-overload]
     if got.size % 8:
         return False
     return bool(np.array_equal(got, make(got.size, transfer_id, index)))

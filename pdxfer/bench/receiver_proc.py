@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-on-stdin-eof", action="store_true")
     p.add_argument("--backends", default="tcp,nixl",
                    help="data paths to accept, comma-separated (nixl: only where the nixl package imports)")
+    p.add_argument("--device", default="cpu",
+                   help="where the receive region lives: cpu, or cuda / cuda:N (GPU memory; needs --backends nixl)")
+    p.add_argument("--checksum", choices=["xxh3", "devsum64"], default=None,
+                   help="chunk checksum the region is checked with (default: xxh3 on cpu, devsum64 on a GPU)")
     p.add_argument("--recv-piece", type=parse_size, default=None,
                    help="TCP: receive and hash payloads in pieces of at most this size (default 1MiB)")
     p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
@@ -48,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = ReceiverConfig(capacity=args.capacity, host=args.host, control_port=args.control_port,
                              data_port=args.data_port, lease_s=args.lease, token=args.token,
                              backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                             device=args.device, checksum=args.checksum,
                              **nixl_tuning)
+        receiver = Receiver(cfg)  # a GPU region is allocated here: no such device is a ValueError too
     except ValueError as exc:  # a setting out of range: say which, no traceback
         print(f"pdxfer receiver: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with Receiver(cfg) as rx:
+    with receiver as rx:
         rx.on_transfer(on_transfer)
         print(json.dumps({"control": rx.control_address, "data": rx.data_address}), flush=True)
         if args.exit_on_stdin_eof:

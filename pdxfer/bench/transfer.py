@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -53,13 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hash chunks in put(), on the producer's thread (SenderConfig.checksum_on_put)")
     p.add_argument("--hash-ahead", type=int, default=SenderConfig.hash_ahead,
                    help="chunks hashed ahead of the wire on the hashing thread; 0: on the send loop")
+    p.add_argument("--device", default="cpu",
+                   help="nixl: where both ends keep the bytes: cpu (DRAM) or cuda / cuda:N (VRAM to VRAM)")
     p.add_argument("--verified-baseline", action="store_true",
                    help="also run the raw baseline with every chunk hashed on both ends (ratio_vs_verified)")
 
 
-def _pdxfer_run(sender: Sender, peer: str, buf: np.ndarray, chunk: int, total: int, concurrency: int) -> float:
+def _pdxfer_run(sender: Sender, peer: str, buf: Any, chunk: int, total: int, concurrency: int) -> float:
+    """`buf`: a host array, or a uint8 CUDA tensor (its chunks are put as tensor slices)."""
     payload = Payload.uniform(len(buf), chunk)
-    views = [memoryview(buf)[o : o + n] for o, n in zip(payload.offsets, payload.chunk_sizes)]
+    whole = buf if hasattr(buf, "is_cuda") else memoryview(buf)
+    views = [whole[o : o + n] for o, n in zip(payload.offsets, payload.chunk_sizes)]
     n_transfers = max(1, total // len(buf))
     inflight: set[concurrent.futures.Future] = set()
     t0 = time.perf_counter()
@@ -88,14 +93,23 @@ def run(args: argparse.Namespace) -> int:
         if c > tsize:
             raise SystemExit(f"--chunk-size {format_size(c)} is larger than --transfer-size {format_size(tsize)}")
     capacity = max(2 * max(concs) * tsize, 256 << 20)
+    gpu = args.device != "cpu"
+    if gpu and args.backend != "nixl":
+        raise SystemExit(f"--device {args.device} needs --backend nixl (the tcp path sends host memory only)")
     ucx_tls = ""
     if args.backend == "nixl":
         from pdxfer.transport.nixl_agent import apply_ucx_env
 
         ucx_tls = apply_ucx_env().get("UCX_TLS", "")  # before the children start: all three use the same
         console.print(f"UCX_TLS={ucx_tls} UCX_NET_DEVICES={os.environ.get('UCX_NET_DEVICES', '')}")
-    buf = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
-    rx = ChildProcess(receiver_argv("--capacity", str(capacity)))
+    buf: Any = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
+    rx_args = ["--capacity", str(capacity)]
+    if gpu:
+        import torch
+
+        buf = torch.from_numpy(buf).to(args.device)
+        rx_args += ["--device", args.device, "--backends", "nixl"]
+    rx = ChildProcess(receiver_argv(*rx_args))
     base: ChildProcess | None = None
     writer = None
     baseline_name = "raw_nixl_write" if args.backend == "nixl" else "raw_socket_sendall_recv_into"
@@ -113,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         if args.backend == "nixl":
             from pdxfer.bench import nixlraw
 
-            base = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(tsize)], ready_timeout=60)
-            writer = nixlraw.RawWriter(base.info, memoryview(buf))
+            base = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(tsize), args.device], ready_timeout=60)
+            writer = nixlraw.RawWriter(base.info, buf if gpu else memoryview(buf))
         else:
             base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
         cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=args.checksum_on_put,
@@ -140,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                         prog.advance(task)
                     ratios = [p / b for p, b in zip(p_rates, b_rates)]
                     row = {
-                        "backend": args.backend, "chunk_size": chunk, "total_bytes": total, "concurrency": conc,
+                        "backend": args.backend, "device": args.device, "chunk_size": chunk, "total_bytes": total, "concurrency": conc,
                         "gbps": round(statistics.median(p_rates), 3), "baseline": baseline_name,
                         "baseline_gbps": round(statistics.median(b_rates), 3), "ratio": round(statistics.median(ratios), 3),
                         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "pairs": args.pairs,
@@ -175,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         title = f"pdxfer bench transfer --backend {args.backend} (median of {args.pairs} paired runs)"
         if ucx_tls:
             title += f", UCX_TLS={ucx_tls}"
+        if gpu:
+            title += f", {args.device} to {args.device}"
         table = Table(title=title)
         cols = ["chunk", "conc", "pdxfer GB/s", f"{baseline_name} GB/s", "ratio", "ratio range"]
         if verified:

@@ -46,6 +46,21 @@ def test_bench_transfer_json(backend):
         assert r["verified_baseline"] == r["baseline"] + "_verified"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+def test_bench_transfer_vram_to_vram_json():
+    """Needs a GPU (and CuPy for the devsum kernel): the device session's check."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("cupy")
+    out = _bench("--backend", "nixl", "--device", "cuda", "--chunk-size", "2MiB", "--concurrency", "1",
+                 "--total", "64MiB", "--transfer-size", "16MiB", "--pairs", "1", "--verified-baseline", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["device"] == "cuda" and rows[0]["gbps"] > 0
+
+
 def test_bench_transfer_refuses_a_chunk_larger_than_the_transfer():
     out = _bench("--chunk-size", "8MiB", "--transfer-size", "4MiB")
     assert out.returncode != 0 and "--chunk-size" in out.stderr

@@ -48,3 +48,14 @@ def test_out_of_range_receiver_setting_is_named_without_a_traceback(capsys):
     assert cli.main(["receiver", "--recv-piece", "1KiB"]) == 2
     err = capsys.readouterr().err
     assert "recv_piece_bytes must be >= 4096" in err and "Traceback" not in err
+
+
+def test_a_gpu_receiver_setting_that_cannot_work_is_named(capsys):
+    assert cli.main(["receiver", "--device", "cuda"]) == 2  # default backends include tcp
+    assert "needs backends=('nixl',)" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["receiver", "--device", "cuda:0", "--backends", "nixl"]) == 2
+        err = capsys.readouterr().err
+        assert "0 CUDA devices" in err and "Traceback" not in err
