@@ -73,7 +73,8 @@ class OutboundHandle:
 
         A buffer in GPU memory (CUDA tensor, `__cuda_array_interface__`) goes only over
         NIXL, WRITEn from VRAM, and is checked with devsum64 computed on its GPU; such a
-        chunk never spills (it waits for budget instead)."""
+        chunk must be complete when put (its producing stream synchronised: the WRITE does
+        not wait on CUDA streams) and never spills (it waits for budget instead)."""
         view = _chunk_for(self._sender.config, self.transfer_id, index, buffer)
         _, length = self.payload.chunk_range(index)
         if view.nbytes != length:
