@@ -15,6 +15,7 @@ from pdxfer.protocol import messages as m
 from pdxfer.protocol.checksum import DEVSUM64, XXH3, host_checksum
 from pdxfer.protocol.devsum import devsum
 
+from tests.conftest import HAVE_NIXL
 from tests.engine.test_transfers import _eventually
 
 
@@ -110,3 +111,32 @@ def test_a_gpu_region_without_a_gpu_is_a_clear_error():
         pytest.skip("this host has a GPU")
     with pytest.raises(ValueError, match="cuda:0, but this process sees 0 CUDA devices"):
         Receiver(ReceiverConfig(capacity=1 << 20, device="cuda", backends=("nixl",)))
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+def test_a_checksum_that_cannot_be_computed_fails_the_transfer_not_the_receiver(make_receiver, make_sender,
+                                                                              monkeypatch):
+    """If the region cannot checksum landed chunks (on a GPU: a failed kernel), their
+    transfers fail with IntegrityError, their bytes are reclaimed, and the next transfer
+    is served."""
+    from pdxfer.engine.region import ReceiveRegion
+
+    real = ReceiveRegion.checksums
+    broken = {"on": True}
+
+    def checksums(self, views):
+        if broken["on"]:
+            raise RuntimeError("test: the checksum kernel failed")
+        return real(self, views)
+
+    monkeypatch.setattr(ReceiveRegion, "checksums", checksums)
+    r = make_receiver(backends=("nixl",))
+    s = make_sender(backend="nixl")
+    with pytest.raises(IntegrityError, match="checksumming landed chunks failed"):
+        s.submit(r.control_address, "t-broken", [os.urandom(10_000)] * 3).result(20)
+    _eventually(lambda: r.ledger().reserved_bytes == 0 and s.budget_used == 0)
+    broken["on"] = False
+    chunks = [os.urandom(10_000), os.urandom(3)]
+    s.submit(r.control_address, "t-after", chunks).result(20)
+    with r.wait("t-after", timeout=20) as got:
+        assert bytes(got.view) == b"".join(chunks)
