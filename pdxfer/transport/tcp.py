@@ -26,6 +26,8 @@ from pdxfer.protocol import frames as f
 
 log = structlog.get_logger("pdxfer.tcp")
 
+LOWAT_MIN_BYTES = 64 << 10  # a loopback/GSO segment's worth
+
 
 class DataSink(Protocol):
     def resolve(self, conn: "DataServerProtocol", header: f.FrameHeader) -> memoryview | None: ...
@@ -45,6 +47,7 @@ class DataServerProtocol(asyncio.BufferedProtocol):
         self._error: Exception | None = None
         self._sock: socket.socket | None = None  # set while the low-water mark follows the parser
         self._lowat = 1  # the kernel's default
+        self.lowat_changes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -57,13 +60,17 @@ class DataServerProtocol(asyncio.BufferedProtocol):
 
     def _follow_want(self) -> None:
         """Wake the loop only once the piece the parser waits for is all there: at most
-        one setsockopt per change (twice per chunk: header, then payload pieces)."""
+        one setsockopt per change (twice per large chunk: its payload, then the next
+        header). Below LOWAT_MIN_BYTES the mark stays at 1: one segment brings that much
+        at once anyway, so small frames cost no setsockopt at all."""
         want = self._parser.want
-        if want == self._lowat or self._sock is None:
+        mark = want if want >= LOWAT_MIN_BYTES else 1
+        if mark == self._lowat or self._sock is None:
             return
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-            self._lowat = want
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            self._lowat = mark
+            self.lowat_changes += 1
         except OSError as exc:  # a platform without it: receive as before, woken per segment
             log.info("rcvlowat_unavailable", peer=self.peer, error=str(exc))
             self._sock = None

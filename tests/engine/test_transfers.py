@@ -197,23 +197,23 @@ def test_only_the_handle_that_claimed_a_transfer_releases_it(make_receiver, make
 
 
 def test_data_connection_wakes_per_piece_and_rests_on_a_header(make_receiver, make_sender):
-    """The receive low-water mark follows the parser: a frame's tail smaller than a piece
-    still lands (nothing else follows it on the wire: COMMIT goes over ZMQ), and between
-    transfers the kernel wakes the loop only once a whole header is there."""
+    """The receive low-water mark follows the parser: it is set for a large payload's
+    pieces, a frame's tail smaller than a piece still lands (nothing else follows it on
+    the wire: COMMIT goes over ZMQ), and between transfers it is back at 1 (a header
+    needs no mark)."""
     import socket as _socket
 
-    from pdxfer.protocol.frames import HEADER_SIZE
-
     r, s = make_receiver(recv_piece_bytes=64 << 10), make_sender()
-    chunks = [os.urandom(n) for n in ((1 << 20) + 3, 5)]
+    chunks = [os.urandom(n) for n in ((1 << 20) + 3, 5, (200 << 10) + 1)]
     fut = s.submit(r.control_address, "t-lowat", chunks)
     with r.wait("t-lowat", timeout=10) as got:
-        assert [bytes(got.chunk(i)) for i in range(2)] == chunks
+        assert [bytes(got.chunk(i)) for i in range(3)] == chunks
     fut.result(10)
     conns = [p.conn for p in r._core._by_token.values() if p.conn is not None]
     assert len(conns) == 1
     kernel = conns[0].transport.get_extra_info("socket").getsockopt(_socket.SOL_SOCKET, _socket.SO_RCVLOWAT)
-    assert conns[0].rcvlowat == kernel == HEADER_SIZE
+    assert conns[0].rcvlowat == kernel == 1
+    assert conns[0].lowat_changes >= 4  # set and reset around each of the two large payloads
 
 
 def test_small_receive_pieces_still_land_every_byte_verified(make_receiver, make_sender):
