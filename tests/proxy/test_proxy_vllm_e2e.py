@@ -238,7 +238,11 @@ async def test_client_disconnect_frees_the_decode_worker(
         # first tokens can reach us before the gauge says the request runs.
         deadline = time.monotonic() + 15
         while (running := await _running(s, d)) != 1:
-            assert time.monotonic() < deadline, f"the decode worker never reported the request running ({running})"
+            if time.monotonic() >= deadline:
+                waiting = await _metric(s, d, "vllm:num_requests_waiting")
+                done = await _metric(s, d, "vllm:request_success_total")
+                pytest.fail(f"the decode worker never reported the request running: running={running} "
+                            f"waiting={waiting} finished={done}")
             await asyncio.sleep(0.05)
         r.close()  # the client goes away mid-stream
         deadline = time.monotonic() + 15
