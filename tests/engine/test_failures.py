@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import structlog
-import zmq
 
 from pdxfer.errors import PeerLost
 from pdxfer.layout.payload import Payload
@@ -20,6 +19,7 @@ from pdxfer.protocol import frames as f
 from pdxfer.protocol import messages as m
 
 from tests.engine.test_transfers import _eventually
+from tests.transport.control_harness import RawDealer
 
 
 def _closed_by_peer(c: socket.socket) -> bool:
@@ -31,28 +31,15 @@ def _closed_by_peer(c: socket.socket) -> bool:
         return True
 
 
-class RawPeer:
+class RawPeer(RawDealer):
     """A hand-driven protocol peer, to misbehave in ways a real Sender never would."""
 
     def __init__(self, address: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, b"raw-peer")
-        self.sock.connect(address)
+        super().__init__(address, b"raw-peer")
 
     def request(self, msg: m.Message, timeout: float = 5.0) -> m.Message:
         self.sock.send(m.encode(msg))
         return self.recv(timeout)
-
-    def recv(self, timeout: float = 5.0) -> m.Message:
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError("no reply")
-        return m.decode(self.sock.recv())
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
 
 
 def test_silent_sender_lease_expires_and_waiter_is_admitted(make_receiver, make_sender, backend):
