@@ -34,13 +34,12 @@ import zmq.asyncio
 
 from pdxfer.errors import PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout
 from pdxfer.protocol import messages as m
-from pdxfer.protocol.checksum import ALGORITHMS
 from pdxfer.protocol.states import OutEvent, OutState
 from pdxfer.engine.lane_writes import NixlWrites
 from pdxfer.engine.liveness import Liveness
 from pdxfer.engine.outctx import OutCtx, TransferResult
 from pdxfer.engine.outgoing import Outgoing
-from pdxfer.engine.replies import failure_error, rejection_error
+from pdxfer.engine.replies import failure_error, hello_error, rejection_error
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.sendq import MemoryBudget, PeerQueue
 from pdxfer.sendq.holdings import Holdings
@@ -97,7 +96,6 @@ class Lane:
         self.keep = False
         self.data: DataClient | NixlDataClient | None = None
         self.backend = cfg.backend
-        self.checksum_algorithm: str | None = None  # the receiver's (HELLO_OK), once connected
         self._nixl_side = nixl_side
         self._on_closed = on_closed
         identity = f"{cfg.sender_id}/{os.urandom(6).hex()}".encode()
@@ -147,20 +145,13 @@ class Lane:
         except asyncio.TimeoutError:
             raise PeerLost(f"no HELLO reply within {self.cfg.handshake_timeout_s}s",
                            peer=self.address, waiting_for="hello") from None
-        if self.backend not in ok.capabilities:
-            raise ProtocolError(f"receiver does not accept backend {self.backend!r} (it offers {ok.capabilities})",
-                                peer=self.address, waiting_for="hello")
-        if ok.checksum not in ALGORITHMS:
-            raise ProtocolError(f"receiver checks chunks with {ok.checksum!r}, which this sender does not know "
-                                f"({', '.join(ALGORITHMS)})", peer=self.address, waiting_for="hello")
-        self.checksum_algorithm = ok.checksum
-        self.out.algorithm = ok.checksum
+        refused = hello_error(ok, backend=self.backend, peer=self.address)
+        if refused is not None:
+            raise refused
+        self.out.algorithm = ok.checksum  # every chunk of this lane is checksummed the receiver's way
         if nixl is not None:
             from pdxfer.transport.nixl import NixlDataClient
 
-            if not ok.nixl_md:
-                raise ProtocolError("receiver offered nixl without agent metadata", peer=self.address,
-                                    waiting_for="hello")
             remote = await nixl.connect(ok.nixl_md, timeout=self.cfg.handshake_timeout_s, peer=self.address)
             self.data = NixlDataClient(nixl, remote, self.address, (ok.nixl_mem, ok.nixl_dev))
         else:

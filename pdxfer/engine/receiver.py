@@ -21,6 +21,7 @@ from pdxfer.admission import Ledger
 from pdxfer.engine.config import ReceiverConfig, cuda_index
 from pdxfer.engine.receiver_core import ReceiverCore
 from pdxfer.engine.region import ReceiveRegion
+from pdxfer.protocol.checksum import XXH3
 from pdxfer.engine.runtime import LoopThread
 from pdxfer.errors import TransferAborted, TransferTimeout
 from pdxfer.layout.payload import Payload
@@ -119,7 +120,8 @@ class Receiver:
         sink = _Sink()
 
         def factory() -> DataServerProtocol:
-            p = DataServerProtocol(sink, self.config.recv_piece_bytes)
+            # xxh3 is computed piece by piece as bytes land; another algorithm over the chunk
+            p = DataServerProtocol(sink, self.config.recv_piece_bytes, hash_pieces=self._region.algorithm == XXH3)
             self._conns.add(p)
             return p
 

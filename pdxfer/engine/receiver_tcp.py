@@ -16,7 +16,6 @@ import structlog
 from pdxfer.admission import Ended
 from pdxfer.errors import IntegrityError, ProtocolError
 from pdxfer.protocol import frames as f
-from pdxfer.protocol.checksum import XXH3
 from pdxfer.transport.tcp import DataServerProtocol
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ class TcpInbound:
             if t is None:
                 return
             actual = event.checksum  # xxh3, computed piece by piece as the bytes landed
-            if core.region.algorithm != XXH3:
+            if actual is None:  # the region checks another algorithm: over the whole chunk
                 actual = core.region.checksums([event.view])[0]
             try:
                 t.chunk_arrived(event.header, event.view, actual)

@@ -1,6 +1,6 @@
-"""What a receiver's REJECT or FAILED means for the sender, as the typed error the
-transfer's future fails with. No I/O: the lane looks the answer up here and fails the
-transfer with it."""
+"""What a receiver's answers mean for the sender: whether its HELLO_OK is one this lane
+can work with, and REJECT or FAILED as the typed error the transfer's future fails
+with. No I/O: the lane looks the answer up here and acts on it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pdxfer.errors import (
     TransferAborted, TransferTimeout,
 )
 from pdxfer.protocol import messages as m
+from pdxfer.protocol.checksum import ALGORITHMS
 
 _RECEIVER_ERRORS: dict[str, type[PdxferError]] = {
     "integrity": IntegrityError,
@@ -16,6 +17,20 @@ _RECEIVER_ERRORS: dict[str, type[PdxferError]] = {
     "deadline": TransferTimeout,
     "protocol": ProtocolError,
 }
+
+
+def hello_error(ok: m.HelloOk, *, backend: str, peer: str) -> ProtocolError | None:
+    """Why this HELLO_OK cannot serve a lane of `backend`, or None: the data path must be
+    offered (with NIXL metadata for nixl), and the chunk checksum one we can compute."""
+    if backend not in ok.capabilities:
+        return ProtocolError(f"receiver does not accept backend {backend!r} (it offers {ok.capabilities})",
+                             peer=peer, waiting_for="hello")
+    if ok.checksum not in ALGORITHMS:
+        return ProtocolError(f"receiver checks chunks with {ok.checksum!r}, which this sender does not know "
+                             f"({', '.join(ALGORITHMS)})", peer=peer, waiting_for="hello")
+    if backend == "nixl" and not ok.nixl_md:
+        return ProtocolError("receiver offered nixl without agent metadata", peer=peer, waiting_for="hello")
+    return None
 
 
 def rejection_error(msg: m.Reject, *, tid: str, state: str, peer: str) -> PdxferError:

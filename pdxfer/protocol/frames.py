@@ -84,11 +84,11 @@ class ChunkReceived:
     `checksum` is the xxh3-64 of those bytes, computed piece by piece (at most
     `max_piece` bytes each) as each `recv_into` completed, while the piece was still in
     L1/L2 cache: re-reading a 2 MiB chunk afterwards cost the receiver ~30% more CPU per
-    GB here."""
+    GB here. None when the parser was told not to hash (another algorithm checks it)."""
 
     header: FrameHeader
     view: memoryview
-    checksum: int
+    checksum: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,9 @@ Resolver = Callable[[FrameHeader], Union[memoryview, None]]
 class FrameParser:
     """Per-connection receive state: header → payload → header …, with no copies."""
 
-    def __init__(self, resolve: Resolver, max_piece: int = RECV_PIECE_BYTES) -> None:
+    def __init__(self, resolve: Resolver, max_piece: int = RECV_PIECE_BYTES, *, hash_pieces: bool = True) -> None:
+        """`hash_pieces`: xxh3 each piece as it lands (ChunkReceived.checksum); False when
+        the receiver checks chunks with another algorithm (then checksum is None)."""
         if max_piece < 1:
             raise ValueError(f"max_piece must be >= 1 byte, got {max_piece}")
         self._resolve = resolve
@@ -121,7 +123,7 @@ class FrameParser:
         self._discard: memoryview | None = None
         self._remaining = 0  # bytes of payload still to discard
         self._hello_seen = False
-        self._hasher = xxhash.xxh3_64()
+        self._hasher = xxhash.xxh3_64() if hash_pieces else None
 
     @property
     def mid_frame(self) -> bool:
@@ -153,12 +155,14 @@ class FrameParser:
         if nbytes <= 0:
             return []
         if self._target is not None:
-            self._hasher.update(self._target[self._filled : self._filled + nbytes])
+            if self._hasher is not None:
+                self._hasher.update(self._target[self._filled : self._filled + nbytes])
             self._filled += nbytes
             if self._filled < len(self._target):
                 return []
             assert self._header is not None
-            event: FrameEvent = ChunkReceived(self._header, self._target, self._hasher.intdigest())
+            digest = self._hasher.intdigest() if self._hasher is not None else None
+            event: FrameEvent = ChunkReceived(self._header, self._target, digest)
             self._target, self._header, self._filled = None, None, 0
             return [event]
         if self._remaining:
@@ -193,5 +197,6 @@ class FrameParser:
                 f"resolver gave {len(target)} bytes for a {header.length}-byte frame"
             )
         self._target = target
-        self._hasher.reset()
+        if self._hasher is not None:
+            self._hasher.reset()
         return []

@@ -38,12 +38,12 @@ class DataSink(Protocol):
 class DataServerProtocol(asyncio.BufferedProtocol):
     """One inbound data connection; frames and their payloads go to `sink`."""
 
-    def __init__(self, sink: DataSink, recv_piece: int = f.RECV_PIECE_BYTES) -> None:
+    def __init__(self, sink: DataSink, recv_piece: int = f.RECV_PIECE_BYTES, *, hash_pieces: bool = True) -> None:
         self.sink = sink
         self.conn_token: int | None = None
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
-        self._parser = f.FrameParser(lambda h: sink.resolve(self, h), recv_piece)
+        self._parser = f.FrameParser(lambda h: sink.resolve(self, h), recv_piece, hash_pieces=hash_pieces)
         self._error: Exception | None = None
         self._sock: socket.socket | None = None  # set while the low-water mark follows the parser
         self._lowat = 1  # the kernel's default

@@ -140,3 +140,14 @@ def test_want_never_asks_for_more_than_the_frames_still_owe(sizes, stale, piece,
     assert pos == len(data) and parser.want == f.HEADER_SIZE and not parser.mid_frame
     landed = [e.header.chunk_index for e in events if isinstance(e, f.ChunkReceived)]
     assert landed == [i for i in range(len(sizes)) if not stale[i]]
+
+
+def test_a_parser_told_not_to_hash_lands_the_bytes_and_reports_no_checksum():
+    """A receiver that checks another algorithm (devsum64) computes it over the whole
+    chunk itself: the parser then spends nothing on xxh3."""
+    dest = bytearray(5000)
+    parser = f.FrameParser(lambda h: memoryview(dest), max_piece=1000, hash_pieces=False)
+    payload = bytes(range(256)) * 19 + b"x" * 136
+    events = _feed(parser, _stream([(1, 0, payload)]), [7, 2500])
+    got = [e for e in events if isinstance(e, f.ChunkReceived)]
+    assert len(got) == 1 and got[0].checksum is None and bytes(dest) == payload
