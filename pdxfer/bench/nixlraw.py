@@ -22,6 +22,7 @@ import json
 import mmap
 import struct
 import sys
+import threading
 import time
 from typing import Any
 
@@ -112,11 +113,12 @@ class RawWriter:
         self.agent.register(self.local_addr, nbytes, *self.local_mem)
 
     def run(self, total_bytes: int, chunk: int, concurrency: int, timeout: float = 120.0, *,
-            verify: bool = False) -> float:
-        """Seconds to WRITE `total_bytes` in `chunk` pieces with `concurrency` in flight;
-        with `verify`, every chunk hashed before its WRITE and by the target on arrival."""
+            verify: bool = False, start: int = 0) -> float:
+        """Seconds to WRITE `total_bytes` in `chunk` pieces with `concurrency` in flight,
+        from offset `start` on; with `verify`, every chunk hashed before its WRITE and by
+        the target on arrival."""
         inflight: list[Any] = []
-        left, pos, seq = total_bytes, 0, 0
+        left, pos, seq = total_bytes, start - start % chunk, 0
         deadline = time.monotonic() + timeout
         t0 = time.perf_counter()
         while left or inflight:
@@ -149,6 +151,34 @@ class RawWriter:
 
     def close(self) -> None:
         self.agent.close()
+
+
+def run_parallel(writers: list[RawWriter], total_bytes: int, chunk: int, concurrency: int, *,
+                 verify: bool = False) -> float:
+    """Seconds for `writers` (each its own agent, on its own thread) to WRITE `total_bytes`
+    between them, each starting at its own share of the buffer: the plain loop with the
+    parallelism of pdxfer's NIXL workers, so a ratio to it compares like with like."""
+    if len(writers) == 1:
+        return writers[0].run(total_bytes, chunk, concurrency, verify=verify)
+    share = -(-total_bytes // len(writers) // chunk) * chunk
+    errors: list[BaseException] = []
+
+    def one(i: int, w: RawWriter) -> None:
+        try:
+            w.run(min(share, max(0, total_bytes - i * share)), chunk, concurrency, verify=verify,
+                  start=i * w.span // len(writers))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i, w), name=f"nixlraw-writer-{i}") for i, w in enumerate(writers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0
 
 
 def main() -> None:

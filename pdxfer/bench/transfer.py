@@ -13,7 +13,10 @@ in use is printed with the results).
 chunk on both ends and comparing, as any transfer that verifies its bytes must. The
 ratio to it (`ratio_vs_verified`) separates what pdxfer's engine costs from what
 checking every byte costs on this machine (here, over a 64 MiB working set, xxh3 reads
-at 11-17 GB/s against 3-5 GB/s of loopback, so verification alone is worth ~15%).
+at 9-17 GB/s against 3-5 GB/s of loopback, so verification alone is worth ~15%). On
+NIXL it runs one writer thread (own agent) per pdxfer NIXL worker (`--nixl-workers`):
+over shared memory each thread copies on its own core, as pdxfer's workers do. The plain
+raw baseline stays the one-thread loop.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunks hashed ahead of the wire on the hashing thread; 0: on the send loop")
     p.add_argument("--device", default="cpu",
                    help="nixl: where both ends keep the bytes: cpu (DRAM) or cuda / cuda:N (VRAM to VRAM)")
+    p.add_argument("--nixl-workers", type=int, default=SenderConfig.nixl_workers,
+                   help="nixl: sender workers posting chunks round-robin (SenderConfig.nixl_workers)")
     p.add_argument("--verified-baseline", action="store_true",
                    help="also run the raw baseline with every chunk hashed on both ends (ratio_vs_verified)")
 
@@ -85,8 +90,8 @@ def _pdxfer_run(sender: Sender, peer: str, buf: Any, chunk: int, total: int, con
 def run(args: argparse.Namespace) -> int:
     chunks = args.chunk_sizes or [parse_size(s) for s in ("256KiB", "2MiB", "16MiB")]
     concs = args.concurrencies or [1, 4]
-    if args.pairs < 1 or any(c < 1 for c in concs):
-        raise SystemExit("--pairs and --concurrency must be >= 1")
+    if args.pairs < 1 or args.nixl_workers < 1 or any(c < 1 for c in concs):
+        raise SystemExit("--pairs, --nixl-workers and --concurrency must be >= 1")
     console = Console(stderr=True)
     tsize = args.transfer_size
     for c in chunks:
@@ -112,12 +117,15 @@ def run(args: argparse.Namespace) -> int:
     rx = ChildProcess(receiver_argv(*rx_args))
     base: ChildProcess | None = None
     writer = None
+    extra_writers: list[Any] = []
     baseline_name = "raw_nixl_write" if args.backend == "nixl" else "raw_socket_sendall_recv_into"
 
     def baseline(total: int, chunk: int, conc: int, verify: bool = False) -> float:
         assert base is not None
         if writer is not None:
-            return writer.run(total, chunk, conc, verify=verify)
+            if verify:  # as many writer threads as pdxfer has NIXL workers
+                return nixlraw.run_parallel([writer, *extra_writers], total, chunk, conc, verify=True)
+            return writer.run(total, chunk, conc)
         return rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc, verify=verify)
 
     verified = args.verified_baseline
@@ -129,10 +137,13 @@ def run(args: argparse.Namespace) -> int:
 
             base = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(tsize), args.device], ready_timeout=60)
             writer = nixlraw.RawWriter(base.info, buf if gpu else memoryview(buf))
+            if args.verified_baseline:
+                extra_writers = [nixlraw.RawWriter(base.info, buf if gpu else memoryview(buf))
+                                 for _ in range(args.nixl_workers - 1)]
         else:
             base = ChildProcess([sys.executable, "-m", "pdxfer.bench.rawsock"])
         cfg = SenderConfig(memory_budget=max(concs) * tsize + tsize, checksum_on_put=args.checksum_on_put,
-                           hash_ahead=args.hash_ahead,
+                           hash_ahead=args.hash_ahead, nixl_workers=args.nixl_workers,
                            backend=args.backend)
         with Sender(cfg) as sender, \
                 Progress(console=console, transient=True) as prog:
@@ -163,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
                         v_ratios = [p / v for p, v in zip(p_rates, v_rates)]
                         row.update({
                             "verified_baseline": baseline_name + "_verified",
+                            "verified_writers": 1 + len(extra_writers),
                             "verified_baseline_gbps": round(statistics.median(v_rates), 3),
                             "ratio_vs_verified": round(statistics.median(v_ratios), 3),
                             "ratio_vs_verified_min": round(min(v_ratios), 3),
@@ -172,8 +184,9 @@ def run(args: argparse.Namespace) -> int:
                     if args.json:
                         print(json.dumps(rows[-1]), flush=True)
     finally:
-        if writer is not None:
-            writer.close()
+        for w in [writer, *extra_writers]:
+            if w is not None:
+                w.close()
         final_target = None
         if base is not None:
             final_target = base.finish() if writer is not None else None
@@ -194,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         table = Table(title=title)
         cols = ["chunk", "conc", "pdxfer GB/s", f"{baseline_name} GB/s", "ratio", "ratio range"]
         if verified:
-            cols += ["verified GB/s", "ratio vs verified", "range"]
+            cols += [f"verified ×{1 + len(extra_writers)} GB/s", "ratio vs verified", "range"]
         for col in cols:
             table.add_column(col, justify="right")
         for r in rows:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pdxfer.protocol.checksum import ALGORITHMS, DEVSUM64, XXH3
 from pdxfer.protocol.frames import RECV_PIECE_BYTES
+from pdxfer.protocol.messages import MAX_NIXL_WORKERS
 
 BACKENDS = ("tcp", "nixl")
 
@@ -54,6 +55,10 @@ class SenderConfig:
     ucx: dict[str, str] = field(default_factory=dict, hash=False)
     nixl_spin_s: float = 0.0  # progress thread: poll back to back this long after an event,
     nixl_max_sleep_s: float = 1e-3  # then back off up to this; parked (0 CPU) when nothing is in flight
+    # NIXL workers (agent + progress thread each) that post a lane's chunks round-robin.
+    # Over shared memory each WRITE is a CPU copy on the posting thread, so 2 can copy on
+    # two cores (figures in transport.nixl.NixlSendSide); idle workers are parked threads.
+    nixl_workers: int = 2
     # Spill tiers (issue 5). Chunks of transfers that have no GRANT yet move out of the
     # memory budget into host memory (pinned where CUDA exists), then into files under
     # `spill_dir`, when put() would otherwise wait for budget, or once their transfer has
@@ -83,6 +88,8 @@ class SenderConfig:
             raise ValueError(f"SenderConfig.spill_after_s must be >= 0 or None, got {self.spill_after_s}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SenderConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 1 <= self.nixl_workers <= MAX_NIXL_WORKERS:
+            raise ValueError(f"SenderConfig.nixl_workers must be in 1..{MAX_NIXL_WORKERS}, got {self.nixl_workers}")
         _check_ucx("SenderConfig", self.ucx)
 
 

@@ -139,7 +139,8 @@ class Lane:
                                       waiting_for="nixl_agent") from None
         self.control.send(m.Hello(cid=self._hello_cid, sender_id=self.cfg.sender_id,
                                   capabilities=[self.backend], token=self.cfg.token,
-                                  nixl_agent=nixl.name if nixl is not None else None))
+                                  nixl_agent=nixl.name if nixl is not None else None,
+                                  nixl_workers=nixl.names[1:] if nixl is not None else []))
         try:
             ok = await asyncio.wait_for(asyncio.shield(self._hello), self.cfg.handshake_timeout_s)
         except asyncio.TimeoutError:

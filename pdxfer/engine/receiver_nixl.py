@@ -88,7 +88,8 @@ class NixlInbound:
 
     def _accept(self, key: str, msg: m.Hello, accept: Accept) -> None:
         assert self.side is not None and msg.nixl_agent
-        self.agents[msg.nixl_agent] = key
+        for name in (msg.nixl_agent, *msg.nixl_workers):
+            self.agents[name] = key
         self.unavailable = ""
         accept(self.side.metadata)
 

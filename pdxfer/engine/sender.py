@@ -199,11 +199,11 @@ class Sender:
         from pdxfer.transport.nixl import NixlSendSide
 
         try:
-            side = NixlSendSide(f"{self.config.sender_id}-{os.urandom(3).hex()}", self.config.ucx)
+            side = NixlSendSide(f"{self.config.sender_id}-{os.urandom(3).hex()}", self.config.ucx,
+                                workers=self.config.nixl_workers)
         except Exception as exc:
             raise TransferAborted(f"NIXL data path unavailable: {exc}", waiting_for="nixl_agent") from None
-        side.progress.spin_s = self.config.nixl_spin_s
-        side.progress.max_sleep_s = self.config.nixl_max_sleep_s
+        side.tune(spin_s=self.config.nixl_spin_s, max_sleep_s=self.config.nixl_max_sleep_s)
         return side
 
     def _live_transfers(self) -> list[OutCtx]:

@@ -26,6 +26,7 @@ from pdxfer.layout.payload import MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_TRANSFER_BYTE
 PROTOCOL_VERSION = 1
 MAX_CONTROL_MESSAGE = 16 << 20  # a RESERVE with MAX_CHUNKS sizes fits comfortably
 MAX_ID_LEN = 256
+MAX_NIXL_WORKERS = 16  # a sender's NIXL agents, the one in nixl_agent included
 
 
 class _Msg(msgspec.Struct, tag_field="t", kw_only=True, frozen=True):
@@ -38,6 +39,7 @@ class Hello(_Msg, tag="hello"):
     capabilities: list[str] = []  # data paths this lane wants: "tcp" or "nixl"
     token: str | None = None
     nixl_agent: str | None = None  # the sender's NIXL agent name; notifications arrive under it
+    nixl_workers: list[str] = []  # its other agents' names (transport.nixl.NixlSendSide): theirs too
 
 
 class HelloOk(_Msg, tag="hello_ok"):
@@ -163,5 +165,10 @@ def _validate(msg: Message) -> None:
             raise ProtocolError(f"hello: sender_id length {len(msg.sender_id)} outside 1..{MAX_ID_LEN}")
         if msg.nixl_agent is not None and not 0 < len(msg.nixl_agent) <= MAX_ID_LEN:
             raise ProtocolError(f"hello: nixl_agent length {len(msg.nixl_agent)} outside 1..{MAX_ID_LEN}")
+        if len(msg.nixl_workers) > MAX_NIXL_WORKERS - 1 or (msg.nixl_workers and msg.nixl_agent is None):
+            raise ProtocolError(f"hello: {len(msg.nixl_workers)} nixl_workers (at most {MAX_NIXL_WORKERS - 1},"
+                                " and only with nixl_agent)")
+        if any(not 0 < len(w) <= MAX_ID_LEN for w in msg.nixl_workers):
+            raise ProtocolError(f"hello: a nixl_workers name length is outside 1..{MAX_ID_LEN}")
     elif isinstance(msg, Grant) and msg.addr is not None and msg.addr < 0:
         raise ProtocolError(f"grant {msg.tid}: negative addr {msg.addr}")

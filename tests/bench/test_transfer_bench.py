@@ -44,6 +44,7 @@ def test_bench_transfer_json(backend):
         assert r["gbps"] > 0 and r["baseline_gbps"] > 0 and r["verified_baseline_gbps"] > 0
         assert r["ratio"] > 0 and r["ratio_vs_verified"] > 0
         assert r["verified_baseline"] == r["baseline"] + "_verified"
+        assert r["verified_writers"] == (2 if backend == "nixl" else 1)  # one per NIXL worker (default 2)
 
 
 @pytest.mark.gpu
@@ -94,27 +95,29 @@ def test_verified_socket_baseline_never_waits_for_bytes_that_are_not_coming(chun
 
 
 @pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+@pytest.mark.parametrize("writers", [1, 2])
 @pytest.mark.parametrize("lie", [False, True])
-def test_verified_nixl_baseline_counts_wrong_checksums(monkeypatch, lie):
+def test_verified_nixl_baseline_counts_wrong_checksums(monkeypatch, lie, writers):
     from pdxfer.bench import nixlraw
     from pdxfer.transport.nixl_agent import apply_ucx_env
 
     apply_ucx_env()
     size = 4 << 20
     target = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(size)], ready_timeout=60)
-    writer = None
+    pool: list = []
     try:
         data = memoryview(np.arange(size, dtype=np.uint8))
-        writer = nixlraw.RawWriter(target.info, data)
+        pool = [nixlraw.RawWriter(target.info, data) for _ in range(writers)]
         if lie:
             monkeypatch.setattr(nixlraw, "chunk_checksum", lambda view: 12345)
-        writer.run(8 << 20, 1 << 20, 2, verify=True, timeout=60)
-        writer.close()
-        writer = None
+        nixlraw.run_parallel(pool, 8 << 20, 1 << 20, 2, verify=True)  # 8 chunks between them
+        for w in pool:
+            w.close()
+        pool = []
         final = target.finish(timeout=30)
     finally:
-        if writer is not None:
-            writer.close()
+        for w in pool:
+            w.close()
         target.kill()
     assert final is not None and final["notifications"] == 8
     assert final["verify_mismatches"] == (8 if lie else 0)

@@ -32,6 +32,13 @@ def test_ucx_precedence_environment_then_config_then_defaults(monkeypatch):
     assert env["UCX_NET_DEVICES"] == UCX_DEFAULTS["UCX_NET_DEVICES"]  # defaults fill the rest
 
 
+def test_nixl_worker_count_is_validated():
+    assert SenderConfig().nixl_workers == 2
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="nixl_workers"):
+            SenderConfig(nixl_workers=bad)
+
+
 def test_receive_piece_size_is_validated():
     assert ReceiverConfig().recv_piece_bytes == 1 << 20
     with pytest.raises(ValueError, match="recv_piece_bytes"):

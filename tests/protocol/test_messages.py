@@ -18,6 +18,9 @@ def test_round_trip_keeps_version_and_correlation_id():
     (m.Reserve(cid=1, tid="t", total_bytes=1, chunk_sizes=[1], deadline_ms=0), "deadline"),
     (m.Reserve(cid=1, tid="", total_bytes=1, chunk_sizes=[1], deadline_ms=5), "transfer id"),
     (m.Hello(cid=1, sender_id=""), "sender_id"),
+    (m.Hello(cid=1, sender_id="s", nixl_workers=["w1"]), "only with nixl_agent"),
+    (m.Hello(cid=1, sender_id="s", nixl_agent="a", nixl_workers=[f"w{i}" for i in range(16)]), "at most 15"),
+    (m.Hello(cid=1, sender_id="s", nixl_agent="a", nixl_workers=[""]), "nixl_workers name length"),
     (m.Heartbeat(cid=1, v=9), "version"),
 ])
 def test_invalid_messages_are_rejected_with_a_reason(msg, match):

@@ -157,3 +157,21 @@ def test_receiver_without_nixl_refuses_a_nixl_sender_by_name(make_receiver, make
     with pytest.raises(ProtocolError, match="nixl"):
         fut.result(30)
     assert s.budget_used == 0
+
+
+def test_every_worker_writes_and_the_receiver_takes_each_ones_notifications(make_receiver, make_sender):
+    """Three sender workers post a lane's chunks round-robin: each WRITEs some, each one's
+    notifications (under its own agent name, announced in HELLO) are accepted, and the
+    bytes verify end to end. A name left out of HELLO would be dropped as a foreign peer
+    (test above), so this also checks the receiver learnt all three."""
+    r = make_receiver(capacity=16 << 20)
+    s = make_sender(backend="nixl", nixl_workers=3)
+    chunks = [os.urandom(64 << 10) for _ in range(9)]
+    fut = s.submit(r.control_address, "three-workers", chunks, deadline_s=30)
+    with r.wait("three-workers", timeout=30) as got:
+        assert bytes(got.view) == b"".join(chunks)
+    fut.result(30)
+    side = s._nixl.result()
+    assert len(side.names) == len(set(side.names)) == 3
+    assert all(p.stats.posts > 0 for p in side.progresses), [p.stats for p in side.progresses]
+    _eventually(lambda: r.ledger().reserved_bytes == 0 and s.budget_used == 0)
