@@ -311,8 +311,9 @@ def test_decode_killed_mid_stream(
     vllm_plain_workers: dict[str, VllmServer], vllm_spare_decode: VllmServer, vllm_log_dir: Path
 ) -> None:
     p, d, spare = vllm_plain_workers["prefill"], vllm_plain_workers["decode"], vllm_spare_decode
+    # Debug logs: a failure then shows when each leg of the killed stream started and ended.
     proxy = ProxyProcess("proxy-kill", [p.url], [spare.url, d.url], log_dir=vllm_log_dir,
-                         extra_args=["--policy", "round_robin", "--health-interval", "0.5"])
+                         extra_args=["--policy", "round_robin", "--health-interval", "0.5", "--log-level", "debug"])
     try:
         proxy.start()
         proxy.wait_ready()
@@ -327,10 +328,12 @@ def test_decode_killed_mid_stream(
                 break
             assert time.monotonic() < deadline, f"decode workers not both up: {states}"
             time.sleep(0.1)
-        # Stream 0 (killed) is long enough that the spare cannot have sent all of it before
-        # the kill however far behind this process is (see LONG_STREAM_TOKENS: with 1500
-        # tokens, one CI run saw both streams end "done"); stream 1 only has to finish.
-        n_tokens = [LONG_STREAM_TOKENS, 1500]
+        # Stream 0 (killed) is as long as the model allows, so the spare is still generating
+        # when this client has seen its first events (see LONG_STREAM_TOKENS: with 1500
+        # tokens one CI run, and with 12000 another, saw both streams end "done": the
+        # spare had generated all 12000 in ~33 s before the client parsed 5 events);
+        # stream 1 only has to finish.
+        n_tokens = [PLAIN_MAX_MODEL_LEN - 384, 1500]
         progress = [0, 0]
         outcome: list[Any] = [None, None]
 
@@ -357,7 +360,7 @@ def test_decode_killed_mid_stream(
         threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
         # Stream 0 starts alone, so round robin gives its decode leg to the spare (listed first);
         # stream 1 follows and lands on the other decode worker. The kill comes once this
-        # client has parsed 5 events of stream 0: with 12000 tokens asked for, the spare is
+        # client has parsed 5 events of stream 0: with ~16000 tokens asked for, the spare is
         # then still generating however far this process lags. (Timing the kill by the
         # spare's token counter failed in CI: that wait ended only after the spare had run
         # the whole 12000-token stream, ~30 s by its own log, so both streams were "done".)
