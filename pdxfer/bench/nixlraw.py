@@ -154,18 +154,18 @@ class RawWriter:
 
 
 def run_parallel(writers: list[RawWriter], total_bytes: int, chunk: int, concurrency: int, *,
-                 verify: bool = False) -> float:
+                 verify: bool = False, timeout: float = 120.0) -> float:
     """Seconds for `writers` (each its own agent, on its own thread) to WRITE `total_bytes`
     between them, each starting at its own share of the buffer: the plain loop with the
     parallelism of pdxfer's NIXL workers, so a ratio to it compares like with like."""
     if len(writers) == 1:
-        return writers[0].run(total_bytes, chunk, concurrency, verify=verify)
+        return writers[0].run(total_bytes, chunk, concurrency, timeout, verify=verify)
     share = -(-total_bytes // len(writers) // chunk) * chunk
     errors: list[BaseException] = []
 
     def one(i: int, w: RawWriter) -> None:
         try:
-            w.run(min(share, max(0, total_bytes - i * share)), chunk, concurrency, verify=verify,
+            w.run(min(share, max(0, total_bytes - i * share)), chunk, concurrency, timeout, verify=verify,
                   start=i * w.span // len(writers))
         except BaseException as exc:
             errors.append(exc)
@@ -174,8 +174,11 @@ def run_parallel(writers: list[RawWriter], total_bytes: int, chunk: int, concurr
     t0 = time.perf_counter()
     for t in threads:
         t.start()
+    deadline = time.monotonic() + timeout + 10  # each run() gives up at `timeout` itself
     for t in threads:
-        t.join()
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        raise RuntimeError(f"parallel baseline writers still running after {timeout + 10:.0f}s")
     if errors:
         raise errors[0]
     return time.perf_counter() - t0
