@@ -39,7 +39,7 @@ import structlog
 from pdxfer.errors import PeerLost, ProtocolError, TransferTimeout
 from pdxfer.protocol import frames as f
 from pdxfer.transport.nixl_agent import NixlAgent
-from pdxfer.transport.nixl_progress import NixlProgress, NotifSink
+from pdxfer.transport.nixl_progress import NixlProgress, NotifSink, fail_left
 
 if TYPE_CHECKING:
     from pdxfer.engine.region import ReceiveRegion
@@ -211,11 +211,7 @@ class NixlSendSide:
 
     def close(self) -> None:
         for progress in self.progresses:
-            for loop, done in progress.stop():
-                try:
-                    loop.call_soon_threadsafe(done, "ERR", "sender closed")
-                except RuntimeError:  # loop already closed: its lanes failed everything before
-                    pass
+            fail_left(progress.stop(), "sender closed")
             progress.cache.clear()  # the thread is gone: safe from here
         for agent in self.agents:
             agent.close()

@@ -311,6 +311,12 @@ class NixlProgress:
         return bool(finished or notifs)
 
 
+def fail_left(left: list[tuple[asyncio.AbstractEventLoop, Done]], error: str) -> None:
+    """Fail what `stop()` returned on each one's loop (skipping loops already closed)."""
+    for loop, done in left:
+        _call(loop, _run_all, [(done, ("ERR", error))])
+
+
 def _run_all(calls: list[tuple[Callable[..., None], tuple]]) -> None:
     for fn, args in calls:
         try:
