@@ -192,7 +192,7 @@ class ReceiverCore:
         info = self.peers.get(grant.peer)
         addr = None
         if info is not None and info.nixl_agent is not None and self.nixl is not None:
-            addr = self.nixl.granted(slot, grant.offset)
+            addr = self.nixl.granted(slot, grant.offset, payload.total_bytes)
         self._send(identity, m.Grant(cid=cid, tid=grant.transfer_id, slot=slot, lease_ms=int(self.cfg.lease_s * 1000),
                                      addr=addr))
 

@@ -6,10 +6,14 @@ registration of the whole receive region) is created on the first HELLO that ask
 
 A NIXL chunk needs no resolver: the sender already wrote it where the GRANT said. Its
 notification is the data-frame header, so `InboundTransfer.destination()` validates
-slot, index, offset and length exactly as for a TCP frame; then the landed bytes are
-checksummed where they are (`ReceiveRegion.checksums`: host, or the region's GPU) and
-`chunk_arrived()` takes over. The progress thread polls for notifications
-only while some granted NIXL transfer has not ended (`want_notifs`), and parks otherwise.
+slot, index, offset and length exactly as for a TCP frame; then the landed bytes'
+checksum is checked and `chunk_arrived()` takes over. A host region's chunks were
+already hashed on the progress thread as they landed (`LandedHashes`: measured here,
+that lifted the 2 MiB bench ratio from 0.667 to 0.702 at one transfer in flight and from
+0.788 to 0.844 at four, means of 3 interleaved runs); a GPU region's are hashed on the
+loop (`ReceiveRegion.checksums`, one kernel launch per batch). The progress thread
+polls for notifications only while some granted NIXL transfer has not ended
+(`want_notifs`), and parks otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
+from pdxfer.engine.landed_hashes import LandedHashes
 from pdxfer.errors import IntegrityError, ProtocolError
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.frames import FrameHeader
@@ -44,6 +49,8 @@ class NixlInbound:
         self._tasks: set[asyncio.Task] = set()
         self.agents: dict[str, str] = {}  # sender's NIXL agent name -> control identity (peer key)
         self.slots: set[int] = set()  # granted NIXL slots whose transfer has not ended
+        # host region: chunks are hashed on the progress thread as they land
+        self.early = None if region.on_gpu else LandedHashes(region.buffer, region.algorithm)
         self.unavailable = ""  # why the last setup failed (then HELLO_OK stops offering nixl)
 
     # ------------------------------------------------------------------ handshake
@@ -74,7 +81,10 @@ class NixlInbound:
             return
         if self.side is None:
             self.side = side
-            side.start(self.core.loop, self.on_notifs)
+            if self.early is None:
+                side.start(self.core.loop, self.on_notifs)
+            else:
+                side.start(self.core.loop, self.on_prepared, self.early)
             log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulted=side.populated,
                      ucx_tls=side.agent.ucx_env.get("UCX_TLS"))
         self._accept(key, msg, accept)
@@ -94,10 +104,13 @@ class NixlInbound:
         accept(self.side.metadata)
 
     # ------------------------------------------------------------------ grants
-    def granted(self, slot: int, offset: int) -> int:
-        """A transfer to a NIXL peer was granted: poll for its notifications from now on."""
+    def granted(self, slot: int, offset: int, nbytes: int) -> int:
+        """A transfer to a NIXL peer was granted `nbytes` at `offset`: poll for its
+        notifications from now on."""
         assert self.side is not None
         self.slots.add(slot)
+        if self.early is not None:
+            self.early.open(slot, offset, nbytes)
         self.side.progress.want_notifs(+1)
         return self.side.base_addr + offset
 
@@ -109,6 +122,8 @@ class NixlInbound:
     def ended(self, slot: int) -> None:
         if slot in self.slots:
             self.slots.discard(slot)
+            if self.early is not None:
+                self.early.close(slot)
             if self.side is not None:
                 self.side.progress.want_notifs(-1)
 
@@ -127,10 +142,16 @@ class NixlInbound:
                     del self.agents[name]
 
     # ------------------------------------------------------------------ notifications
-    def on_notifs(self, batch: dict[str, list[bytes]]) -> None:
+    def on_prepared(self, prepared: tuple[dict[str, list[bytes]], "dict[tuple[int, int, int, int], int] | None"]) -> None:
+        """Host region: the progress thread already hashed what landed (`LandedHashes`)."""
+        batch, sums = prepared
+        self.on_notifs(batch, sums or {})
+
+    def on_notifs(self, batch: dict[str, list[bytes]], early: "dict[tuple[int, int, int, int], int] | None" = None) -> None:
         """Called on the loop by the progress thread with {agent name: [notification, ...]}.
-        The landed chunks of the whole batch are checksummed together (on a GPU region:
-        one kernel launch), then each is checked against its header."""
+        The landed chunks of the whole batch that `early` has no checksum for are
+        checksummed together (on a GPU region: one kernel launch), then each is checked
+        against its header."""
         now = self.core.loop.time()
         landed: list[tuple[InboundTransfer, FrameHeader, Any]] = []
         for agent, msgs in batch.items():
@@ -142,7 +163,7 @@ class NixlInbound:
                 except Exception:  # one bad notification must not lose the others
                     log.exception("nixl_notif_failed", agent=agent)
         if landed:
-            self._check(landed)
+            self._check(landed, early or {})
         self.core._schedule()
 
     def _landed(self, agent: str, key: str | None, raw: bytes, now: float) -> list[tuple[InboundTransfer, FrameHeader, Any]]:
@@ -171,10 +192,14 @@ class NixlInbound:
             out.append((t, header, view))
         return out
 
-    def _check(self, landed: list[tuple[InboundTransfer, FrameHeader, Any]]) -> None:
+    def _check(self, landed: list[tuple[InboundTransfer, FrameHeader, Any]], early: dict[tuple[int, int, int, int], int]) -> None:
         core = self.core
         try:
-            sums = core.region.checksums([view for _, _, view in landed])
+            sums = [early.get((h.slot, h.chunk_index, h.offset, h.length)) for _, h, _ in landed]
+            late = [i for i, s in enumerate(sums) if s is None]
+            if late:
+                for i, s in zip(late, core.region.checksums([landed[i][2] for i in late])):
+                    sums[i] = s
         except Exception as exc:  # e.g. the GPU kernel failed: these chunks cannot be vouched for
             log.exception("nixl_checksum_failed", chunks=len(landed))
             for t in {id(t): t for t, _, _ in landed}.values():

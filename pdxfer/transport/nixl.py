@@ -39,7 +39,7 @@ import structlog
 from pdxfer.errors import PeerLost, ProtocolError, TransferTimeout
 from pdxfer.protocol import frames as f
 from pdxfer.transport.nixl_agent import NixlAgent
-from pdxfer.transport.nixl_progress import NixlProgress, NotifSink, fail_left
+from pdxfer.transport.nixl_progress import NixlProgress, NotifSink, Prepare, fail_left
 
 if TYPE_CHECKING:
     from pdxfer.engine.region import ReceiveRegion
@@ -109,8 +109,8 @@ class NixlRecvSide:
     def name(self) -> str:
         return self.agent.name
 
-    def start(self, loop: asyncio.AbstractEventLoop, sink: NotifSink) -> None:
-        self.progress.set_sink(loop, sink)
+    def start(self, loop: asyncio.AbstractEventLoop, sink: NotifSink, prepare: Prepare | None = None) -> None:
+        self.progress.set_sink(loop, sink, prepare)
 
     def close(self) -> None:
         """Stop polling, then tear the agent down (deregisters the region before the

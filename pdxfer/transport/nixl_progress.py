@@ -51,7 +51,9 @@ from pdxfer.transport.nixl_regcache import Key, RegistrationCache
 log = structlog.get_logger("pdxfer.nixl")
 
 Done = Callable[[str, str], None]  # called on its loop with ("DONE" | "ERR", error text)
-NotifSink = Callable[[dict[str, list[bytes]]], None]
+# {agent: [notification]}, or with a Prepare: ({agent: [notification]}, what it made of them)
+NotifSink = Callable[[Any], None]
+Prepare = Callable[[dict[str, list[bytes]]], Any]  # runs on the progress thread
 
 
 class _Post(NamedTuple):
@@ -101,6 +103,7 @@ class NixlProgress:
         self._interest = 0
         self._kicked = False
         self._sink: tuple[asyncio.AbstractEventLoop, NotifSink] | None = None
+        self._prepare: Prepare | None = None
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"pdxfer-nixl-progress-{name}", daemon=True)
@@ -164,9 +167,16 @@ class NixlProgress:
     def in_flight(self) -> int:
         return len(self._pending) + len(self._incoming) + len(self._posts)
 
-    def set_sink(self, loop: asyncio.AbstractEventLoop, sink: NotifSink) -> None:
-        """Where notifications go (receiver side); without a sink they are dropped."""
+    def set_sink(self, loop: asyncio.AbstractEventLoop, sink: NotifSink, prepare: Prepare | None = None) -> None:
+        """Where notifications go (receiver side); without a sink they are dropped.
+
+        `prepare`, if given, runs on this thread with each poll's {agent: [notification]},
+        and `sink` then gets `(notifs, prepare(notifs))` on `loop`: for work that should
+        happen the moment bytes landed (hashing them while they are still in cache)
+        rather than whenever a busy loop gets to it. If `prepare` raises, the sink gets
+        `(notifs, None)`: the notifications themselves are never lost."""
         self._sink = (loop, sink)
+        self._prepare = prepare
 
     def stop(self, timeout: float = 5.0) -> list[tuple[asyncio.AbstractEventLoop, Done]]:
         """Stop the thread; returns the posts/watches that never finished (the owner fails them)."""
@@ -303,9 +313,17 @@ class NixlProgress:
                 _call(loop, _run_all, calls)
         if notifs:
             self.stats.notifications += sum(len(v) for v in notifs.values())
-            sink = self._sink
+            sink, prepare = self._sink, self._prepare
             if sink is not None:
-                _call(sink[0], sink[1], notifs)
+                if prepare is None:
+                    _call(sink[0], sink[1], notifs)
+                else:
+                    try:
+                        extra = prepare(notifs)
+                    except Exception:
+                        log.exception("nixl_notif_prepare_failed", agent=self.agent.name)
+                        extra = None
+                    _call(sink[0], sink[1], (notifs, extra))
             else:
                 log.warning("nixl_notifs_dropped", agent=self.agent.name, count=self.stats.notifications)
         return bool(finished or notifs)

@@ -118,11 +118,19 @@ def test_a_checksum_that_cannot_be_computed_fails_the_transfer_not_the_receiver(
                                                                               monkeypatch):
     """If the region cannot checksum landed chunks (on a GPU: a failed kernel), their
     transfers fail with IntegrityError, their bytes are reclaimed, and the next transfer
-    is served."""
+    is served. On this host region the progress thread's early hashing fails too, so the
+    loop falls back to the region's checksums, which fail."""
+    from pdxfer.engine.landed_hashes import LandedHashes
     from pdxfer.engine.region import ReceiveRegion
 
     real = ReceiveRegion.checksums
+    real_early = LandedHashes.__call__
     broken = {"on": True}
+
+    def early(self, batch):
+        if broken["on"]:
+            raise RuntimeError("test: hashing on the progress thread failed")
+        return real_early(self, batch)
 
     def checksums(self, views):
         if broken["on"]:
@@ -130,6 +138,7 @@ def test_a_checksum_that_cannot_be_computed_fails_the_transfer_not_the_receiver(
         return real(self, views)
 
     monkeypatch.setattr(ReceiveRegion, "checksums", checksums)
+    monkeypatch.setattr(LandedHashes, "__call__", early)
     r = make_receiver(backends=("nixl",))
     s = make_sender(backend="nixl")
     with pytest.raises(IntegrityError, match="checksumming landed chunks failed"):

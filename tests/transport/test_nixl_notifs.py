@@ -175,3 +175,35 @@ def test_every_worker_writes_and_the_receiver_takes_each_ones_notifications(make
     assert len(side.names) == len(set(side.names)) == 3
     assert all(p.stats.posts > 0 for p in side.progresses), [p.stats for p in side.progresses]
     _eventually(lambda: r.ledger().reserved_bytes == 0 and s.budget_used == 0)
+
+
+def test_host_chunks_are_hashed_on_the_progress_thread_and_still_checked(peer_and_receiver, monkeypatch):
+    """The loop never hashes a DRAM chunk itself: the progress thread did it on arrival
+    (LandedHashes), and a chunk whose bytes differ from its header still fails."""
+    from pdxfer.engine.landed_hashes import LandedHashes
+
+    p, r = peer_and_receiver
+    core = r._core
+    assert isinstance(core.nixl.early, LandedHashes)
+    on_loop: list[int] = []
+    real = core.region.checksums
+    monkeypatch.setattr(core.region, "checksums", lambda views: on_loop.append(len(views)) or real(views))
+    early: list[int] = []
+    real_call = LandedHashes.__call__
+    monkeypatch.setattr(LandedHashes, "__call__", lambda self, batch: early.append(1) or real_call(self, batch))
+    a, b = os.urandom(6000), os.urandom(2000)
+    g = p.reserve("early", [6000, 2000])
+    p.write(g, 0, a, _hdr(g, 0, 0, 6000, chunk_checksum(a)))
+    p.write(g, 6000, b, _hdr(g, 1, 6000, 2000, chunk_checksum(b)))
+    p.ctl.sock.send(m.encode(m.Commit(cid=g.cid, tid="early", digest=transfer_digest([chunk_checksum(a), chunk_checksum(b)]))))
+    assert isinstance(p.ctl.recv(10), m.Done)
+    with r.wait("early", timeout=10) as got:
+        assert bytes(got.view) == a + b
+    g2 = p.reserve("early-bad", [4096])
+    data = os.urandom(4096)
+    p.write(g2, 0, data, _hdr(g2, 0, 0, 4096, chunk_checksum(data) ^ 1))
+    failed = p.ctl.recv(10)
+    assert isinstance(failed, m.Failed) and failed.error == "integrity" and failed.tid == "early-bad"
+    assert early and on_loop == []
+    assert core.nixl.early.live == 0  # both slots ended: nothing left for the thread to hash into
+    _eventually(lambda: r.ledger().reserved_bytes == 0)

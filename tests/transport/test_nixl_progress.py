@@ -144,3 +144,54 @@ def test_registration_cache_shares_live_entries_and_deregisters_when_transfers_e
     cache.clear()
     a.release()
     owner.extend(b"x")  # the cache left no export behind: the caller's buffer is resizable again
+
+
+def test_prepare_runs_on_the_progress_thread_and_a_failing_one_loses_no_notification(pair):
+    import threading
+
+    from pdxfer.transport.nixl_progress import NixlProgress
+
+    from pdxfer.transport.nixl_regcache import buffer_address
+
+    src, dst, remote, region = pair
+    sender, receiver = NixlProgress(src, "t-prep-send"), NixlProgress(dst, "t-prep")
+    threads: list[str] = []
+    calls = [0]
+
+    def prepare(notifs):
+        threads.append(threading.current_thread().name)
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("boom")
+        return sum(len(v) for v in notifs.values())
+
+    try:
+        async def main() -> list[tuple[list[bytes], object]]:
+            loop = asyncio.get_running_loop()
+            got: list[tuple[list[bytes], object]] = []
+            arrived = asyncio.Event()
+
+            def sink(prepared):
+                notifs, extra = prepared
+                got.append(([m for ms in notifs.values() for m in ms], extra))
+                arrived.set()
+
+            receiver.set_sink(loop, sink, prepare)
+            receiver.want_notifs(+1)
+            payload = memoryview(bytearray(b"x" * 4096))
+            for body in (b"first", b"second"):
+                arrived.clear()
+                done: asyncio.Future[str] = loop.create_future()
+                sender.post(loop, lambda state, err, d=done: d.set_result(state), payload,
+                            buffer_address(memoryview(region)), payload.nbytes, remote, body, owner="t")
+                assert await asyncio.wait_for(done, 10) == "DONE"
+                await asyncio.wait_for(arrived.wait(), 10)
+            receiver.want_notifs(-1)
+            sender.end_owner("t")
+            return got
+
+        got = asyncio.run(main())
+        assert got == [([b"first"], None), ([b"second"], 1)]
+        assert threads == ["pdxfer-nixl-progress-t-prep"] * 2
+    finally:
+        assert sender.stop() == [] and receiver.stop() == []
