@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import base64
 import json
-import mmap
 import struct
 import sys
 import threading
 import time
 from typing import Any
 
+from pdxfer.engine.region import host_memory
 from pdxfer.protocol.checksum import chunk_checksum
 
 from pdxfer.transport.nixl_agent import NixlAgent
@@ -39,7 +39,7 @@ def serve(size: int, device: str = "cpu") -> None:
     agent = NixlAgent(f"nixlraw-target-{time.monotonic_ns()}")
     region: Any = None
     if device == "cpu":
-        region = mmap.mmap(-1, size)
+        region = host_memory(size)  # the same kind of memory as pdxfer's receive region
         view: Any = memoryview(region)
         addr, mem = buffer_address(view), ("DRAM", 0)
     else:

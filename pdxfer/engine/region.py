@@ -8,6 +8,15 @@ prefill GPU WRITEs KV straight into decode-GPU memory (RDMA/NVLink where UCX has
 `checksums()` computes the configured chunk checksum of landed slices where they are:
 xxh3 or the devsum64 reference on the host, the devsum64 kernel on the GPU (one launch for
 all the chunks of a notification).
+
+Host memory is private anonymous memory asking for transparent huge pages
+(`host_memory`), not a shared mapping: shared anonymous memory is shmem, which this kind
+of host (`shmem_enabled` = never) never backs with huge pages. With 4 KiB pages a
+one-sided WRITE over cma pins and walks 512 page-table entries per 2 MiB in the
+writer's `process_vm_writev`; measured here, the bare NIXL WRITE loop into a 64 MiB
+target went from 3.92 GB/s (shared, 4 KiB) to 4.13 (private, 4 KiB) and 4.72 GB/s
+(private, huge pages), medians of 6 interleaved runs. The hashes over landed bytes take
+fewer TLB misses too. Where THP is off, the advice is a no-op.
 """
 
 from __future__ import annotations
@@ -15,8 +24,24 @@ from __future__ import annotations
 import mmap
 from typing import Any, Sequence
 
+import structlog
+
 from pdxfer.layout.buffers import DRAM, VRAM
 from pdxfer.protocol.checksum import DEVSUM64, host_checksum
+
+log = structlog.get_logger("pdxfer.receiver")
+
+
+def host_memory(nbytes: int) -> mmap.mmap:
+    """Page-aligned, zeroed, private host memory that asks for transparent huge pages."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if advice is not None:
+        try:
+            region.madvise(advice)
+        except OSError as exc:  # a kernel built without THP: 4 KiB pages it is
+            log.info("receive_region_without_huge_pages", bytes=nbytes, error=str(exc))
+    return region
 
 
 class ReceiveRegion:
@@ -26,7 +51,7 @@ class ReceiveRegion:
         self.algorithm = algorithm
         self._mmap: mmap.mmap | None = None
         if device is None:
-            self._mmap = mmap.mmap(-1, capacity)
+            self._mmap = host_memory(capacity)
             self.buffer: Any = memoryview(self._mmap)
             from pdxfer.transport.nixl_regcache import buffer_address
 
