@@ -19,10 +19,12 @@ dies while no WRITE is in flight.
 Trust model (as for any RDMA path): a peer holding the receiver's metadata can WRITE
 anywhere in the registered region. The per-chunk checksum catches a chunk that did not
 land where it was reserved; it cannot stop a misbehaving sender from touching another
-transfer's range. The same holds for a *late* WRITE: a sender whose lease expired may
-still have WRITEs in flight while its range is re-granted; one that lands after the new
-owner's chunk was verified goes unnoticed. Closing that gap needs the admission
-controller to quarantine a NIXL peer's expired range for a grace period (not done here).
+transfer's range. A *late* WRITE from an honest sender is handled: when a NIXL
+transfer ends abnormally while granted (lease expiry, receiver-side failure), the
+admission controller quarantines its range (`ReceiverConfig.nixl_quarantine_s`, 30 s) instead of
+granting it again, and frees it early only when that sender's ABORT says its WRITEs are
+over (`settle`). A WRITE still in flight after the quarantine ran out would go unnoticed
+if it landed after the new owner's chunk was verified.
 """
 
 from __future__ import annotations
