@@ -91,7 +91,7 @@ class NixlInbound:
 
     def _make_side(self) -> NixlRecvSide:
         cfg = self.core.cfg
-        side = NixlRecvSide(f"{cfg.receiver_id}-{os.urandom(3).hex()}", self.region, cfg.ucx)
+        side = NixlRecvSide(f"{cfg.receiver_id}-{os.urandom(3).hex()}", self.region, cfg.ucx, nice=cfg.nixl_nice)
         side.progress.spin_s = cfg.nixl_spin_s
         side.progress.max_sleep_s = cfg.nixl_max_sleep_s
         return side

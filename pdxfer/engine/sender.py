@@ -200,7 +200,7 @@ class Sender:
 
         try:
             side = NixlSendSide(f"{self.config.sender_id}-{os.urandom(3).hex()}", self.config.ucx,
-                                workers=self.config.nixl_workers)
+                                workers=self.config.nixl_workers, nice=self.config.nixl_nice)
         except Exception as exc:
             raise TransferAborted(f"NIXL data path unavailable: {exc}", waiting_for="nixl_agent") from None
         side.tune(spin_s=self.config.nixl_spin_s, max_sleep_s=self.config.nixl_max_sleep_s)

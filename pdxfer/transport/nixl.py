@@ -91,7 +91,7 @@ def populate(addr: int, nbytes: int) -> bool:
 class NixlRecvSide:
     """The receiver's agent, its registered region and its progress thread."""
 
-    def __init__(self, name: str, region: "ReceiveRegion", ucx: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, region: "ReceiveRegion", ucx: dict[str, str] | None = None, nice: int = 0) -> None:
         """Blocking (~0.5 s for the agent): call it off the event loop."""
         self.agent = NixlAgent(name, ucx)
         try:
@@ -102,7 +102,7 @@ class NixlRecvSide:
             self.populated = populate(self.base_addr, self.nbytes) if region.mem == "DRAM" else True
             self._reg = self.agent.register(self.base_addr, self.nbytes, region.mem, region.dev)
             self.metadata = self.agent.metadata()  # includes the registration: senders can WRITE after loading it
-            self.progress = NixlProgress(self.agent, f"recv-{name}")
+            self.progress = NixlProgress(self.agent, f"recv-{name}", nice=nice)
         except BaseException:
             self.agent.close()
             raise
@@ -138,7 +138,7 @@ class NixlSendSide:
     (`nixl_workers`), since each one's notifications arrive under its own agent name.
     """
 
-    def __init__(self, name: str, ucx: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(self, name: str, ucx: dict[str, str] | None = None, workers: int = 1, nice: int = 0) -> None:
         """Blocking (~0.5 s per worker's agent): call it off the event loop."""
         if workers < 1:
             raise ValueError(f"NIXL workers must be >= 1, got {workers}")
@@ -148,7 +148,7 @@ class NixlSendSide:
             for i in range(workers):
                 agent = NixlAgent(name if i == 0 else f"{name}.w{i}", ucx)
                 self.agents.append(agent)
-                self.progresses.append(NixlProgress(agent, f"send-{agent.name}"))  # it owns a RegistrationCache
+                self.progresses.append(NixlProgress(agent, f"send-{agent.name}", nice=nice))  # it owns a RegistrationCache
         except BaseException:
             self.close()
             raise

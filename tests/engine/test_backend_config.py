@@ -39,6 +39,15 @@ def test_nixl_worker_count_is_validated():
             SenderConfig(nixl_workers=bad)
 
 
+def test_nixl_thread_nice_is_validated_on_both_ends():
+    assert SenderConfig().nixl_nice == ReceiverConfig().nixl_nice == 10
+    assert SenderConfig(nixl_nice=0).nixl_nice == 0 and ReceiverConfig(nixl_nice=19).nixl_nice == 19
+    for cls in (SenderConfig, ReceiverConfig):
+        for bad in (-1, 20, 2.5, True, "10"):
+            with pytest.raises(ValueError, match=rf"{cls.__name__}\.nixl_nice must be an int in 0\.\.19"):
+                cls(nixl_nice=bad)
+
+
 def test_receive_piece_size_is_validated():
     assert ReceiverConfig().recv_piece_bytes == 1 << 20
     with pytest.raises(ValueError, match="recv_piece_bytes"):

@@ -174,6 +174,10 @@ def test_every_worker_writes_and_the_receiver_takes_each_ones_notifications(make
     side = s._nixl.result()
     assert len(side.names) == len(set(side.names)) == 3
     assert all(p.stats.posts > 0 for p in side.progresses), [p.stats for p in side.progresses]
+    # Both ends' progress threads run below the loops by the configured nice (default 10).
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [p.niceness for p in side.progresses] == [min(19, base + 10)] * 3
+    assert r._core.nixl.side.progress.niceness == min(19, base + 10)
     _eventually(lambda: r.ledger().reserved_bytes == 0 and s.budget_used == 0)
 
 

@@ -195,3 +195,19 @@ def test_prepare_runs_on_the_progress_thread_and_a_failing_one_loses_no_notifica
         assert threads == ["pdxfer-nixl-progress-t-prep"] * 2
     finally:
         assert sender.stop() == [] and receiver.stop() == []
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_progress_thread_runs_the_given_nice_steps_below_its_creator(pair):
+    from pdxfer.transport.nixl_progress import NixlProgress
+
+    src, _, _, _ = pair
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    lowered, same = NixlProgress(src, "t-nice", nice=3), NixlProgress(src, "t-nice0")
+    try:
+        _eventually(lambda: lowered.niceness is not None and same.niceness is not None)
+        assert lowered.niceness == min(19, base + 3) == os.getpriority(os.PRIO_PROCESS, lowered._thread.native_id)
+        assert same.niceness == base  # nice=0 leaves the thread alone
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the creating thread keeps its priority
+    finally:
+        assert lowered.stop() == [] and same.stop() == []
