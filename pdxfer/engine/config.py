@@ -62,10 +62,11 @@ class SenderConfig:
     # NIXL progress threads (the workers' copies) run this many nice steps below the rest
     # of the process (Linux; 0: same priority). They are bulk work: when they preempt the
     # send loop, the loop's next chunk, COMMIT and replies wait, and so does the
-    # pipeline. 2 vCPUs here, 2 MiB chunks, 4 transfers in flight, 8 interleaved bench
-    # rounds with both ends at 10 against 0: ratio 0.832 against 0.760 (7 of 8 rounds
-    # better), 3.58 against 3.10 GB/s; one in flight unchanged (0.665, 0.663). In a
-    # serving process it also keeps the copies from taking cores from the engine.
+    # pipeline. 2 vCPUs here, 2 MiB chunks, 4 transfers in flight, interleaved bench
+    # rounds with both ends at 10 against 0: ratio 0.832 against 0.760 (8 rounds, 7
+    # better; 3.58 against 3.10 GB/s), then 0.841 against 0.815 (6 rounds, 3 better);
+    # one in flight unchanged (0.665/0.663, 0.677/0.690). In a serving process it also
+    # keeps the copies from taking cores from the engine.
     nixl_nice: int = 10
     # Spill tiers (issue 5). Chunks of transfers that have no GRANT yet move out of the
     # memory budget into host memory (pinned where CUDA exists), then into files under
