@@ -85,7 +85,7 @@ class NixlInbound:
                 side.start(self.core.loop, self.on_notifs)
             else:
                 side.start(self.core.loop, self.on_prepared, self.early)
-            log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulted=side.populated,
+            log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulting=side.prefault is not None,
                      ucx_tls=side.agent.ucx_env.get("UCX_TLS"))
         self._accept(key, msg, accept)
 

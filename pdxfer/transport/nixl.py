@@ -30,10 +30,8 @@ if it landed after the new owner's chunk was verified.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import hashlib
-import mmap
 from typing import TYPE_CHECKING
 
 import structlog
@@ -42,6 +40,7 @@ from pdxfer.errors import PeerLost, ProtocolError, TransferTimeout
 from pdxfer.protocol import frames as f
 from pdxfer.transport.nixl_agent import NixlAgent
 from pdxfer.transport.nixl_progress import NixlProgress, NotifSink, Prepare, fail_left
+from pdxfer.transport.prefault import Prefaulter
 
 if TYPE_CHECKING:
     from pdxfer.engine.region import ReceiveRegion
@@ -70,24 +69,6 @@ def parse_notif(raw: bytes) -> list[f.FrameHeader]:
 
 
 # ---------------------------------------------------------------------------- receiver
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not exported by Python 3.11's mmap module
-
-
-def populate(addr: int, nbytes: int) -> bool:
-    """Fault in every page of [addr, addr+nbytes) for writing, without changing its bytes.
-
-    A one-sided WRITE into a page the receiver never touched takes the page fault inside
-    the *sender's* copy (cma: process_vm_writev): 2 MiB into fresh pages cost ~1.4 ms here
-    instead of ~0.3 ms, and the receiver's allocator spreads transfers over the whole
-    region. RDMA registration pins (commits) the pages anyway; this does the same for
-    shared memory, once, at registration. Safe while TCP transfers land in the region
-    (contents are kept). False where the kernel lacks MADV_POPULATE_WRITE."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = addr & ~(mmap.PAGESIZE - 1)
-    return libc.madvise(start, nbytes + (addr - start), _MADV_POPULATE_WRITE) == 0
-
-
 class NixlRecvSide:
     """The receiver's agent, its registered region and its progress thread."""
 
@@ -98,14 +79,14 @@ class NixlRecvSide:
             self.base_addr = region.addr
             self.nbytes = region.nbytes
             self.mem, self.dev = region.mem, region.dev
-            # GPU memory is committed at allocation; only host pages fault on first touch.
-            self.populated = populate(self.base_addr, self.nbytes) if region.mem == "DRAM" else True
             self._reg = self.agent.register(self.base_addr, self.nbytes, region.mem, region.dev)
             self.metadata = self.agent.metadata()  # includes the registration: senders can WRITE after loading it
             self.progress = NixlProgress(self.agent, f"recv-{name}", nice=nice)
         except BaseException:
             self.agent.close()
             raise
+        # GPU memory is committed at allocation; only host pages fault on first touch.
+        self.prefault = Prefaulter(self.base_addr, self.nbytes, name) if region.mem == "DRAM" else None
 
     @property
     def name(self) -> str:
@@ -115,8 +96,10 @@ class NixlRecvSide:
         self.progress.set_sink(loop, sink, prepare)
 
     def close(self) -> None:
-        """Stop polling, then tear the agent down (deregisters the region before the
-        Receiver unmaps it)."""
+        """Stop prefaulting and polling, then tear the agent down (deregisters the region
+        before the Receiver unmaps it)."""
+        if self.prefault is not None:
+            self.prefault.stop()
         self.progress.stop()
         self.agent.close()
 
