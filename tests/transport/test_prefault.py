@@ -13,21 +13,14 @@ import pytest
 from pdxfer.transport import prefault
 from pdxfer.transport.nixl_regcache import buffer_address
 from tests.conftest import HAVE_NIXL
+from tests.smaps import mapping_field
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's"),
               pytest.mark.timeout(60)]
 
 
 def _rss_kib(addr: int) -> int:
-    found = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                found = int(head.split("-")[0], 16) == addr
-            elif found and head == "Rss:":
-                return int(line.split()[1])
-    raise AssertionError(f"no mapping at {addr:#x}")
+    return int(mapping_field(addr, "Rss")[0])
 
 
 def _wait(pred, timeout: float = 20.0) -> None:
