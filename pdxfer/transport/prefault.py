@@ -16,9 +16,11 @@ pages are in only pays the fault itself, as it would without prefaulting.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import threading
 import time
+from typing import Any
 
 import structlog
 
@@ -36,10 +38,16 @@ STEP = 2 << 20
 def populate(addr: int, nbytes: int) -> bool:
     """Fault in every page of [addr, addr+nbytes) for writing now; False where the kernel
     lacks MADV_POPULATE_WRITE (or the range is not mapped)."""
+    start = addr & ~(mmap.PAGESIZE - 1)
+    return _madvise()(start, nbytes + (addr - start), _MADV_POPULATE_WRITE) == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise() -> Any:
+    """libc's madvise, looked up once: a region is populated in many 2 MiB calls."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = addr & ~(mmap.PAGESIZE - 1)
-    return libc.madvise(start, nbytes + (addr - start), _MADV_POPULATE_WRITE) == 0
+    return libc.madvise
 
 
 class Prefaulter:
