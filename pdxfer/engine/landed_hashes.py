@@ -13,19 +13,31 @@ that decides anything (chunk index, offset and length against the payload, dupli
 the sender's peer) still runs on the loop, which uses a precomputed hash only for the
 exact (slot, index, offset, length) it validated. Slots are never reused, and a slot's
 place never changes while it lives, so a hash made for it is of the bytes the loop would
-have hashed. Host regions only: a GPU region hashes a whole batch in one kernel launch on
-the loop, which is cheap there.
+have hashed. The thread also parses each notification, once for both of them: parsing
+is pure, so the loop validates exactly the headers it would have parsed itself, and a
+malformed notification reaches the loop as its `ProtocolError`. Host regions only: a
+GPU region hashes a whole batch in one kernel launch on the loop, which is cheap there.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pdxfer.errors import ProtocolError
 from pdxfer.protocol.checksum import host_checksum
+from pdxfer.protocol.frames import FrameHeader
 from pdxfer.transport.nixl import parse_notif
 
 Key = tuple[int, int, int, int]  # slot, chunk index, offset in the transfer, length
+
+
+class Prepared(NamedTuple):
+    """What the progress thread made of one batch of notifications."""
+
+    # per notification, in the batch's order (agent by agent, then message by message):
+    # its headers, or why it is malformed; the loop validates these instead of parsing again
+    headers: "list[list[FrameHeader] | ProtocolError]"
+    sums: dict[Key, int]  # checksums of the chunks that lie inside a live slot
 
 
 class LandedHashes:
@@ -47,15 +59,19 @@ class LandedHashes:
     def live(self) -> int:
         return len(self._ranges)
 
-    def __call__(self, batch: dict[Any, list[bytes]]) -> dict[Key, int]:
-        """Progress thread: the checksum of every chunk in `batch` that lies inside a live slot."""
+    def __call__(self, batch: dict[Any, list[bytes]]) -> Prepared:
+        """Progress thread: every notification of `batch` parsed, and the checksum of every
+        chunk in it that lies inside a live slot."""
+        parsed: "list[list[FrameHeader] | ProtocolError]" = []
         sums: dict[Key, int] = {}
         for msgs in batch.values():
             for raw in msgs:
                 try:
                     headers = parse_notif(bytes(raw))
-                except ProtocolError:
-                    continue  # the loop logs it
+                except ProtocolError as exc:
+                    parsed.append(exc)  # the loop logs it
+                    continue
+                parsed.append(headers)
                 for h in headers:
                     where = self._ranges.get(h.slot)
                     if where is None or h.length <= 0 or h.offset < 0 or h.offset + h.length > where[1]:
@@ -63,4 +79,4 @@ class LandedHashes:
                     start = where[0] + h.offset
                     sums[(h.slot, h.chunk_index, h.offset, h.length)] = host_checksum(
                         self._algorithm, self._buffer[start:start + h.length])
-        return sums
+        return Prepared(parsed, sums)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
-from pdxfer.engine.landed_hashes import LandedHashes
+from pdxfer.engine.landed_hashes import LandedHashes, Prepared
 from pdxfer.errors import IntegrityError, ProtocolError
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.frames import FrameHeader
@@ -142,37 +142,50 @@ class NixlInbound:
                     del self.agents[name]
 
     # ------------------------------------------------------------------ notifications
-    def on_prepared(self, prepared: tuple[dict[str, list[bytes]], "dict[tuple[int, int, int, int], int] | None"]) -> None:
-        """Host region: the progress thread already hashed what landed (`LandedHashes`)."""
-        batch, sums = prepared
-        self.on_notifs(batch, sums or {})
+    def on_prepared(self, prepared: tuple[dict[str, list[bytes]], Prepared | None]) -> None:
+        """Host region: the progress thread already parsed and hashed what landed
+        (`LandedHashes`); None if it failed, and then the loop does both."""
+        batch, done = prepared
+        if done is None:
+            self.on_notifs(batch)
+        else:
+            self.on_notifs(batch, done.sums, done.headers)
 
-    def on_notifs(self, batch: dict[str, list[bytes]], early: "dict[tuple[int, int, int, int], int] | None" = None) -> None:
-        """Called on the loop by the progress thread with {agent name: [notification, ...]}.
-        The landed chunks of the whole batch that `early` has no checksum for are
-        checksummed together (on a GPU region: one kernel launch), then each is checked
-        against its header."""
+    def on_notifs(self, batch: dict[str, list[bytes]], early: "dict[tuple[int, int, int, int], int] | None" = None,
+                  parsed: "list[list[FrameHeader] | ProtocolError] | None" = None) -> None:
+        """Called on the loop by the progress thread with {agent name: [notification, ...]}
+        and, where the thread parsed them already, each notification's headers in the
+        batch's order (`parsed`). The landed chunks of the whole batch that `early` has no
+        checksum for are checksummed together (on a GPU region: one kernel launch), then
+        each is checked against its header."""
         now = self.core.loop.time()
         landed: list[tuple[InboundTransfer, FrameHeader, Any]] = []
+        pre = iter(parsed) if parsed is not None else None
         for agent, msgs in batch.items():
             agent = agent.decode() if isinstance(agent, bytes) else agent
             key = self.agents.get(agent)
             for raw in msgs:
+                headers = next(pre, None) if pre is not None else None
                 try:
-                    landed += self._landed(agent, key, raw, now)
+                    landed += self._landed(agent, key, raw, now, headers)
                 except Exception:  # one bad notification must not lose the others
                     log.exception("nixl_notif_failed", agent=agent)
         if landed:
             self._check(landed, early or {})
         self.core._schedule()
 
-    def _landed(self, agent: str, key: str | None, raw: bytes, now: float) -> list[tuple[InboundTransfer, FrameHeader, Any]]:
+    def _landed(self, agent: str, key: str | None, raw: bytes, now: float,
+                parsed: "list[FrameHeader] | ProtocolError | None" = None) -> list[tuple[InboundTransfer, FrameHeader, Any]]:
         core = self.core
-        try:
-            headers = parse_notif(bytes(raw))
-        except ProtocolError as exc:
-            log.error("nixl_notif_malformed", agent=agent, error=str(exc))
+        if parsed is None:
+            try:
+                parsed = parse_notif(bytes(raw))
+            except ProtocolError as exc:
+                parsed = exc
+        if isinstance(parsed, ProtocolError):
+            log.error("nixl_notif_malformed", agent=agent, error=str(parsed))
             return []
+        headers = parsed
         out = []
         for header in headers:
             t = core.inbound.get(header.slot)

@@ -195,6 +195,11 @@ def test_host_chunks_are_hashed_on_the_progress_thread_and_still_checked(peer_an
     early: list[int] = []
     real_call = LandedHashes.__call__
     monkeypatch.setattr(LandedHashes, "__call__", lambda self, batch: early.append(1) or real_call(self, batch))
+    import pdxfer.engine.receiver_nixl as receiver_nixl
+
+    parsed_on_loop: list[int] = []  # the thread parsed each notification already: the loop must not again
+    real_parse = receiver_nixl.parse_notif
+    monkeypatch.setattr(receiver_nixl, "parse_notif", lambda raw: parsed_on_loop.append(1) or real_parse(raw))
     a, b = os.urandom(6000), os.urandom(2000)
     g = p.reserve("early", [6000, 2000])
     p.write(g, 0, a, _hdr(g, 0, 0, 6000, chunk_checksum(a)))
@@ -208,6 +213,6 @@ def test_host_chunks_are_hashed_on_the_progress_thread_and_still_checked(peer_an
     p.write(g2, 0, data, _hdr(g2, 0, 0, 4096, chunk_checksum(data) ^ 1))
     failed = p.ctl.recv(10)
     assert isinstance(failed, m.Failed) and failed.error == "integrity" and failed.tid == "early-bad"
-    assert early and on_loop == []
+    assert early and on_loop == [] and parsed_on_loop == []
     # Both slots end (the failed one just after its FAILED went out): nothing left to hash into.
     _eventually(lambda: core.nixl.early.live == 0 and r.ledger().reserved_bytes == 0)
