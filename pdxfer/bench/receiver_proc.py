@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TCP: receive and hash payloads in pieces of at most this size (default 1MiB)")
     p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
     p.add_argument("--nixl-max-sleep-us", type=float, default=None, help="NIXL progress: longest backoff sleep")
+    p.add_argument("--nixl-nice", type=int, default=None,
+                   help="NIXL progress thread: nice steps below the receiver's loop (ReceiverConfig.nixl_nice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         nixl_tuning["nixl_spin_s"] = args.nixl_spin_us / 1e6
     if args.nixl_max_sleep_us is not None:
         nixl_tuning["nixl_max_sleep_s"] = args.nixl_max_sleep_us / 1e6
+    if args.nixl_nice is not None:
+        nixl_tuning["nixl_nice"] = args.nixl_nice
     if args.recv_piece is not None:
         nixl_tuning["recv_piece_bytes"] = args.recv_piece
     try:

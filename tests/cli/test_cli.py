@@ -50,6 +50,12 @@ def test_out_of_range_receiver_setting_is_named_without_a_traceback(capsys):
     assert "recv_piece_bytes must be >= 4096" in err and "Traceback" not in err
 
 
+def test_receiver_nixl_nice_reaches_the_config_and_is_checked_there(capsys):
+    assert cli.main(["receiver", "--nixl-nice", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "nixl_nice" in err and "Traceback" not in err
+
+
 def test_a_gpu_receiver_setting_that_cannot_work_is_named(capsys):
     assert cli.main(["receiver", "--device", "cuda"]) == 2  # default backends include tcp
     assert "needs backends=('nixl',)" in capsys.readouterr().err
