@@ -17,6 +17,7 @@ entry of a transfer is deregistered when that transfer ends. Idle entries are bo
 
 from __future__ import annotations
 
+import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,15 @@ Key = tuple[int, int]
 
 
 def buffer_address(view: memoryview) -> int:
-    """Address of a C-contiguous buffer's first byte (read-only buffers included)."""
+    """Address of a C-contiguous buffer's first byte (read-only buffers included).
+
+    Called for every chunk a NIXL worker posts, with the GIL held: ctypes reads a
+    writable buffer's address in ~0.2 µs, numpy (which also takes read-only ones) in ~2 µs."""
+    if not view.readonly:
+        try:
+            return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        except (TypeError, ValueError, BufferError):  # e.g. a non-contiguous export: numpy says why
+            pass
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
