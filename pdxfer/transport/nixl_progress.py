@@ -117,6 +117,11 @@ class NixlProgress:
         self._sink: tuple[asyncio.AbstractEventLoop, NotifSink] | None = None
         self._prepare: Prepare | None = None
         self._wake = threading.Event()
+        # True only while the thread waits (parked or in a backoff sleep): only then does
+        # new work set `_wake`. A busy thread finds new work at the top of its next round
+        # anyway, and setting the Event for every chunk posted cost the event loop a
+        # futex call per chunk.
+        self._waiting = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"pdxfer-nixl-progress-{name}", daemon=True)
         self._thread.start()
@@ -135,13 +140,17 @@ class NixlProgress:
                 return
             self._posts.append(_Post(loop, done, local, owner, remote_addr, nbytes, remote, notif,
                                      local_mem, remote_mem))
-        self._wake.set()
+            wake = self._waiting
+        if wake:
+            self._wake.set()
 
     def end_owner(self, owner: str) -> None:
         """Transfer `owner` ended: deregister the buffers only it used (on this thread)."""
         with self._mu:
             self._ended.append(owner)
-        self._wake.set()
+            wake = self._waiting
+        if wake:
+            self._wake.set()
 
     def watch(self, handle: Any, loop: asyncio.AbstractEventLoop, done: Done) -> None:
         """Report an already posted `handle`'s final state to `done` on `loop` (it is released here)."""
@@ -150,7 +159,9 @@ class NixlProgress:
                 _call(loop, _run_all, [(done, ("ERR", "NIXL progress thread stopped"))])
                 return
             self._incoming.append((handle, loop, [(done, None)]))
-        self._wake.set()
+            wake = self._waiting
+        if wake:
+            self._wake.set()
 
     def want_notifs(self, delta: int) -> None:
         """+1 while someone expects notifications (a granted NIXL transfer), -1 when not."""
@@ -161,7 +172,8 @@ class NixlProgress:
             if self._interest < 0:
                 log.error("nixl_interest_negative", interest=self._interest)
                 self._interest = 0
-        if delta > 0:
+            wake = delta > 0 and self._waiting
+        if wake:
             self._wake.set()
 
     def kick(self) -> None:
@@ -169,7 +181,9 @@ class NixlProgress:
         poll at the shortest interval again instead of waiting out the current backoff."""
         with self._mu:
             self._kicked = True
-        self._wake.set()
+            wake = self._waiting
+        if wake:
+            self._wake.set()
 
     @property
     def interest(self) -> int:
@@ -221,8 +235,8 @@ class NixlProgress:
         last_event = time.perf_counter()
         sleep = 0.0
         while True:
-            self._wake.clear()
             with self._mu:
+                self._waiting = False
                 if self._stopping:
                     return
                 posts, self._posts = self._posts, []
@@ -245,8 +259,8 @@ class NixlProgress:
             if not pending and interest <= 0:
                 if posts:
                     continue  # more may have been queued while we posted
-                self.stats.idle_waits += 1
-                self._wake.wait(60.0)  # parked: zero CPU until post()/watch()/want_notifs()/stop() sets it
+                if self._wait_for_work(60.0):  # parked: zero CPU until post()/watch()/want_notifs()/stop()
+                    self.stats.idle_waits += 1
                 last_event, sleep = time.perf_counter(), 0.0
                 continue
             try:
@@ -260,7 +274,17 @@ class NixlProgress:
             elif now - last_event >= self.spin_s:
                 sleep = min(self.max_sleep_s, max(self.min_sleep_s, sleep * 2))
                 self.stats.sleeps += 1
-                self._wake.wait(sleep)  # poll-ok: backoff while a WRITE/notification is outstanding; new work cuts it short
+                self._wait_for_work(sleep)  # poll-ok: backoff while a WRITE/notification is outstanding; new work cuts it short
+
+    def _wait_for_work(self, timeout: float) -> bool:
+        """Wait up to `timeout` unless work came in meanwhile; False if it had (no wait)."""
+        with self._mu:
+            if self._posts or self._ended or self._incoming or self._kicked or self._stopping:
+                return False
+            self._waiting = True
+            self._wake.clear()
+        self._wake.wait(timeout)
+        return True
 
     def _post_all(self, posts: list[_Post]) -> None:
         """Post queued WRITEs, consecutive ones to the same peer as one NIXL request (up to

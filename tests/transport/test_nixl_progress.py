@@ -119,6 +119,59 @@ def test_consecutive_writes_are_batched_into_one_request_with_all_notifications(
         receiver.stop()
 
 
+def test_posts_wake_a_waiting_progress_thread_but_not_a_busy_one(pair):
+    """Setting the thread's Event for every chunk cost the posting event loop a futex call
+    per chunk; a busy thread picks new posts up at the top of its next round anyway."""
+    from pdxfer.transport.nixl_progress import NixlProgress
+    from pdxfer.transport.nixl_regcache import buffer_address
+
+    src, dst, remote, region = pair
+    sender, receiver = NixlProgress(src, "w-send"), NixlProgress(dst, "w-recv")
+    receiver.want_notifs(+1)  # the target's worker must progress for the WRITEs to complete
+    base = buffer_address(memoryview(region))
+    sets: list[int] = []
+    real_set = sender._wake.set
+    sender._wake.set = lambda: sets.append(1) or real_set()  # type: ignore[method-assign]
+    try:
+        async def main() -> list[str]:
+            loop = asyncio.get_running_loop()
+            states: list[str] = []
+            _eventually(lambda: sender._waiting)  # parked: nothing outstanding
+            with src.lock:  # the woken thread blocks in its first WRITE: busy from then on
+                sender.post(loop, lambda s, e: states.append(s), memoryview(bytes(4096)), base, 4096, remote, b"0",
+                            owner="w")
+                assert sets == [1]
+                _eventually(lambda: not sender._waiting)
+                for i in range(1, 6):
+                    sender.post(loop, lambda s, e: states.append(s), memoryview(bytes([i]) * 4096), base + i * 4096,
+                                4096, remote, b"%d" % i, owner="w")
+                assert sets == [1]  # queued for the busy thread without waking it
+            deadline = loop.time() + 10
+            while len(states) < 6 and loop.time() < deadline:
+                await asyncio.sleep(0.001)  # poll-ok: test waits for the loop callbacks
+            sender.end_owner("w")
+            return states
+
+        assert asyncio.run(main()) == ["DONE"] * 6
+        assert [bytes(region[i * 4096:(i + 1) * 4096]) for i in range(1, 6)] == [bytes([i]) * 4096 for i in range(1, 6)]
+    finally:
+        receiver.want_notifs(-1)
+        assert sender.stop() == [] and receiver.stop() == []
+
+
+def test_buffer_address_of_writable_and_read_only_views():
+    import numpy as np
+
+    from pdxfer.transport.nixl_regcache import buffer_address
+
+    a = np.arange(256, dtype=np.uint8)
+    assert buffer_address(memoryview(a)[16:32]) == a.ctypes.data + 16
+    ro = bytes(range(64))
+    assert buffer_address(memoryview(ro)[5:]) == np.frombuffer(ro, dtype=np.uint8).ctypes.data + 5
+    with pytest.raises((ValueError, BufferError)):
+        buffer_address(memoryview(a)[::2])  # not contiguous: no address NIXL could WRITE from
+
+
 def test_registration_cache_shares_live_entries_and_deregisters_when_transfers_end(pair):
     from pdxfer.transport.nixl_regcache import RegistrationCache
 
