@@ -40,8 +40,10 @@ import structlog
 log = structlog.get_logger("pdxfer.nixl")
 
 # Loopback defaults. `sm` brings `cma` (process_vm_writev: the one-copy path between two
-# processes on a host) plus shared-memory queues for notifications; `tcp` must stay in the
-# list here (with only sm/cma, creating the UCX backend fails). On a cluster set UCX_TLS
+# processes on a host), which carries the WRITEs; `tcp` must stay in the list here (with
+# only sm/cma, creating the UCX backend fails), and it carries the notifications: with
+# UCX_PROTO_INFO=y, UCX picks "zero-copy cma/memory" for ucp_put and "tcp/lo" for every
+# active message, also with posix or sysv named explicitly. On a cluster set UCX_TLS
 # and UCX_NET_DEVICES in the environment (or `ucx=` in the config); they win.
 # Where a GPU is present, `cuda_copy` (host<->device staging) and `cuda_ipc` (GPU to GPU on
 # one node) are added so VRAM regions and chunks have a transport.
