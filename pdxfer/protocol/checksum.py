@@ -8,9 +8,10 @@ are hot when it can (the receiver hashes each landed piece at once). The binding
 version matters only for hot bytes: on a later host (AVX-512), xxhash 4.1.0 hashed a hot
 1 MiB buffer at 89 GB/s against 33 GB/s for 3.8.2 and 4.0.0, and a 64 MiB one at ~30 GB/s
 with all three; the TCP bench (2 MiB chunks) did not measurably change with it (3
-alternating runs of 3.8.2 and 4.1.0). The digest
-is the hash of the ordered chunk checksums: it proves the receiver saw every chunk, in
-the sender's order, without hashing the payload a second time.
+alternating runs of 3.8.2 and 4.1.0).
+
+The digest is the hash of the ordered chunk checksums: it proves the receiver saw every
+chunk, in the sender's order, without hashing the payload a second time.
 
 Two chunk checksums exist; the *receiver* names the one its region is checked with
 (HELLO_OK `checksum`), because it must compute it where the bytes land: "xxh3" for a
