@@ -236,6 +236,34 @@ class Sender:
         return self._budget
 
     # ------------------------------------------------------------------ API
+    def register(self, buffer: Any, *, timeout: float = 30.0) -> None:
+        """Register a long-lived buffer that chunks will be put from (a KV cache, a pinned
+        send pool): on a NIXL sender, every chunk that lies inside it is WRITEn from this one
+        registration, instead of being registered and deregistered in every transfer (on
+        RDMA, pinning pages each time). Host or GPU memory; the buffer must stay valid
+        until `unregister` (or `close`). Blocking: creates the NIXL agents on first use.
+        On a TCP sender there is nothing to register, and this only checks the buffer."""
+        view = chunk_buffer(buffer)
+        if view.nbytes == 0:
+            raise ValueError("cannot register an empty buffer")
+        if self.config.backend != "nixl":
+            return
+        side = self._side_now(timeout)
+        side.register(view, timeout)
+
+    def unregister(self, buffer: Any, *, timeout: float = 30.0) -> bool:
+        """Undo `register`: WRITEs already in flight from it finish first, later chunks from
+        it are registered per transfer again. False if it was not registered."""
+        view = chunk_buffer(buffer)
+        if self.config.backend != "nixl" or self._nixl is None:
+            return False
+        return self._side_now(timeout).unregister(view, timeout)
+
+    def _side_now(self, timeout: float) -> "NixlSendSide":
+        if self._closed or not self._started:
+            raise TransferAborted("sender is not running")
+        return self._rt.run(self._nixl_side(), timeout)
+
     def open(self, peer: str, transfer_id: str, payload: Payload, *, deadline_s: float | None = None) -> OutboundHandle:
         """Start a transfer of `payload` to the receiver at `peer` (its control address)."""
         if self._closed or not self._started:

@@ -190,6 +190,23 @@ class NixlSendSide:
         for agent in self.agents:
             agent.remove_remote(name)
 
+    def register(self, view: "memoryview | DeviceChunk", timeout: float) -> None:
+        """Register a long-lived buffer with every worker (`RegistrationCache.pin`), all or none."""
+        done: list[NixlProgress] = []
+        try:
+            for p in self.progresses:
+                p.run(functools.partial(p.cache.pin, view), timeout)
+                done.append(p)
+        except BaseException:
+            for p in done:
+                p.run(functools.partial(p.cache.unpin, view), timeout)
+            raise
+
+    def unregister(self, view: "memoryview | DeviceChunk", timeout: float) -> bool:
+        """Undo `register` (each worker deregisters once no WRITE from it is in flight);
+        False if the buffer was not registered."""
+        return all([p.run(functools.partial(p.cache.unpin, view), timeout) for p in self.progresses])
+
     def tune(self, *, spin_s: float, max_sleep_s: float) -> None:
         for p in self.progresses:
             p.spin_s, p.max_sleep_s = spin_s, max_sleep_s

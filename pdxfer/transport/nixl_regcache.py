@@ -13,6 +13,13 @@ from it is in flight, and stays cached (idle) only while a transfer that used it
 live: a caller may free or reuse a buffer once its transfer's future resolves, so every
 entry of a transfer is deregistered when that transfer ends. Idle entries are bounded
 (LRU by count and bytes).
+
+Pinned buffers (`pin`, from `Sender.register`) are the exception: a long-lived buffer the
+caller keeps its chunks in (a KV cache, a send buffer pool) is registered once, and every
+chunk that lies inside it WRITEs from that one registration, transfer after transfer. On
+RDMA that is the difference between pinning pages per chunk per transfer and never; vLLM's
+own NIXL connector registers its KV caches once for the same reason. `unpin` deregisters
+it once no WRITE from it is in flight.
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ import numpy as np
 from pdxfer.layout.buffers import DRAM, VRAM, DeviceChunk
 from pdxfer.transport.nixl_agent import NixlAgent
 
-Key = tuple[int, int]
+Key = tuple[int, ...]  # (address, nbytes); a pinned buffer's is (address, nbytes, 1)
+
+
+def _describe(view: "memoryview | DeviceChunk") -> tuple[int, "DeviceChunk | None", str, int]:
+    """(address, what keeps GPU memory alive, NIXL memory kind, device) of a chunk buffer."""
+    if isinstance(view, DeviceChunk):
+        return view.addr, view, VRAM, view.device
+    return buffer_address(view), None, DRAM, 0
 
 
 def buffer_address(view: memoryview) -> int:
@@ -49,6 +63,8 @@ class _Entry:
     view: "memoryview | DeviceChunk"  # pins the buffer (its address stays valid) while registered
     refs: int = 0  # WRITEs in flight from this entry
     owners: set[str] = field(default_factory=set)  # live transfers that used it
+    mem: tuple[str, int] = (DRAM, 0)
+    unpinned: bool = False  # a pinned entry whose owner let go: dropped once refs reach 0
 
 
 class RegistrationCache:
@@ -60,8 +76,10 @@ class RegistrationCache:
         self._idle: OrderedDict[Key, None] = OrderedDict()  # refs == 0, oldest first
         self._idle_bytes = 0
         self._by_owner: dict[str, set[Key]] = {}
+        self._pins: dict[Key, _Entry] = {}  # pinned buffers, by (address, nbytes, 1)
         self.hits = 0
         self.misses = 0
+        self.pinned_hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,13 +88,58 @@ class RegistrationCache:
     def registered_bytes(self) -> int:
         return sum(k[1] for k in self._entries)
 
+    @property
+    def pinned(self) -> int:
+        return sum(1 for e in self._pins.values() if not e.unpinned)
+
+    def pin(self, view: "memoryview | DeviceChunk") -> Key:
+        """Register `view` until `unpin`: chunks inside it need no registration of their own."""
+        addr, keep, mem, dev = _describe(view)
+        end = addr + view.nbytes
+        if view.nbytes <= 0:
+            raise ValueError("cannot register an empty buffer")
+        for (a, n, _), e in self._pins.items():
+            if not e.unpinned and a < end and addr < a + n:
+                raise ValueError(f"buffer [{addr:#x}, {end:#x}) overlaps one registered already "
+                                 f"[{a:#x}, {a + n:#x}): unregister that one first")
+        key = (addr, view.nbytes, 1)
+        stale = self._pins.get(key)
+        if stale is not None:  # unpinned, its last WRITE still in flight: the same memory, kept alive by it
+            stale.unpinned = False
+            return key
+        self._pins[key] = _Entry(self._agent.register(addr, view.nbytes, mem, dev),
+                                 keep if keep is not None else memoryview(view), mem=(mem, dev))
+        return key
+
+    def unpin(self, view: "memoryview | DeviceChunk") -> bool:
+        """Let go of a pinned buffer: deregistered now, or when its last WRITE finishes.
+        False if `view` was not pinned."""
+        addr, _, _, _ = _describe(view)
+        entry = self._pins.get((addr, view.nbytes, 1))
+        if entry is None or entry.unpinned:
+            return False
+        entry.unpinned = True
+        if entry.refs == 0:
+            self._drop_pin((addr, view.nbytes, 1))
+        return True
+
+    def _pinned_for(self, addr: int, nbytes: int, mem: tuple[str, int]) -> Key | None:
+        for key, e in self._pins.items():
+            if not e.unpinned and e.mem == mem and key[0] <= addr and addr + nbytes <= key[0] + key[1]:
+                return key
+        return None
+
     def acquire(self, view: "memoryview | DeviceChunk", owner: str) -> tuple[Key, int]:
-        """Registration for `view` (registered now if not cached); returns (key, address).
-        Host and GPU addresses share one (unified) address space, so keys cannot collide."""
-        if isinstance(view, DeviceChunk):
-            addr, pin, mem, dev = view.addr, view, VRAM, view.device
-        else:
-            addr, pin, mem, dev = buffer_address(view), None, DRAM, 0
+        """Registration for `view` (a pinned buffer's if it lies inside one, else its own,
+        registered now if not cached); returns (key, address). Host and GPU addresses share
+        one (unified) address space, so keys cannot collide."""
+        addr, pin, mem, dev = _describe(view)
+        if self._pins:
+            pinned = self._pinned_for(addr, view.nbytes, (mem, dev))
+            if pinned is not None:
+                self._pins[pinned].refs += 1
+                self.pinned_hits += 1
+                return pinned, addr
         key = (addr, view.nbytes)
         entry = self._entries.get(key)
         if entry is None:
@@ -97,6 +160,12 @@ class RegistrationCache:
 
     def release(self, key: Key) -> None:
         """A WRITE from `key` finished (or failed)."""
+        pinned = self._pins.get(key) if len(key) > 2 else None
+        if pinned is not None:
+            pinned.refs -= 1
+            if pinned.refs <= 0 and pinned.unpinned:
+                self._drop_pin(key)
+            return
         entry = self._entries.get(key)
         if entry is None:
             return
@@ -125,6 +194,14 @@ class RegistrationCache:
         for key in list(self._entries):
             self._drop(key)
         self._by_owner.clear()
+        for key in list(self._pins):
+            self._drop_pin(key)
+
+    def _drop_pin(self, key: Key) -> None:
+        entry = self._pins.pop(key)
+        self._agent.deregister(entry.reg)
+        if isinstance(entry.view, memoryview):
+            entry.view.release()
 
     def _drop(self, key: Key) -> None:
         entry = self._entries.pop(key)

@@ -30,11 +30,15 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("backend", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
-    not HAVE_NIXL, reason="nixl is not installed"))])
-def test_bench_transfer_json(backend):
+_NIXL = pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+
+
+@pytest.mark.parametrize("backend,register", [("tcp", False), pytest.param("nixl", False, marks=_NIXL),
+                                              pytest.param("nixl", True, marks=_NIXL)])
+def test_bench_transfer_json(backend, register):
     out = _bench("--backend", backend, "--chunk-size", "1MiB", "--concurrency", "1", "--concurrency", "2",
-                 "--total", "8MiB", "--transfer-size", "4MiB", "--pairs", "1", "--verified-baseline", "--json")
+                 "--total", "8MiB", "--transfer-size", "4MiB", "--pairs", "1", "--verified-baseline", "--json",
+                 *(["--register"] if register else []))
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["concurrency"] for r in rows] == [1, 2]
@@ -45,6 +49,7 @@ def test_bench_transfer_json(backend):
         assert r["ratio"] > 0 and r["ratio_vs_verified"] > 0
         assert r["verified_baseline"] == r["baseline"] + "_verified"
         assert r["verified_writers"] == (2 if backend == "nixl" else 1)  # one per NIXL worker (default 2)
+        assert r["registered_source"] is register
 
 
 @pytest.mark.gpu

@@ -159,6 +159,52 @@ def test_posts_wake_a_waiting_progress_thread_but_not_a_busy_one(pair):
         assert sender.stop() == [] and receiver.stop() == []
 
 
+def test_a_pinned_buffer_is_registered_once_for_every_chunk_inside_it(pair):
+    """Chunks inside a pinned buffer WRITE from its one registration, transfer after
+    transfer; a chunk outside it gets its own; unpinning waits for the last WRITE."""
+    from pdxfer.transport.nixl_regcache import RegistrationCache, buffer_address
+
+    src, _, _, _ = pair
+    calls: list[str] = []
+    real_reg, real_dereg = src.register, src.deregister
+    src.register = lambda *a: calls.append("reg") or real_reg(*a)  # type: ignore[method-assign]
+    src.deregister = lambda reg: calls.append("dereg") or real_dereg(reg)  # type: ignore[method-assign]
+    cache = RegistrationCache(src)
+    pool = bytearray(1 << 20)
+    whole = memoryview(pool)
+    key = cache.pin(whole)
+    assert calls == ["reg"] and cache.pinned == 1
+    keys = []
+    for owner in ("t1", "t2"):  # two transfers, four chunks each, all from the pool
+        for i in range(4):
+            k, addr = cache.acquire(whole[i * 4096:(i + 1) * 4096], owner)
+            assert k == key and addr == buffer_address(whole) + i * 4096
+            cache.release(key)
+            keys.append(k)
+        cache.end_owner(owner)
+    assert calls == ["reg"] and cache.misses == 0 and cache.pinned_hits == 8
+    with pytest.raises(ValueError, match="overlaps one registered already"):
+        cache.pin(whole[4096:8192])
+    other = bytearray(8192)
+    k_other, _ = cache.acquire(memoryview(other), "t3")  # not inside the pool: its own registration
+    assert k_other != key and calls == ["reg", "reg"]
+    cache.release(k_other)
+    cache.end_owner("t3")
+    assert calls == ["reg", "reg", "dereg"]
+    # A WRITE in flight keeps the registration after unpin; the last release drops it.
+    k, _ = cache.acquire(whole[:4096], "t4")
+    assert cache.unpin(whole) and cache.pinned == 0
+    assert calls.count("dereg") == 1
+    k5, _ = cache.acquire(whole[:4096], "t5")
+    assert k5 != key and calls.count("reg") == 3  # unpinned: chunks register on their own again
+    cache.release(k)
+    assert calls.count("dereg") == 2  # the pool's registration, at its last release
+    cache.release(k5)
+    assert not cache.unpin(whole)  # not pinned any more
+    cache.clear()
+    assert calls.count("reg") == calls.count("dereg") == 3
+
+
 def test_buffer_address_of_writable_and_read_only_views():
     import numpy as np
 
