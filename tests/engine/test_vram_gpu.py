@@ -107,3 +107,21 @@ def test_gpu_chunks_to_an_xxh3_host_receiver_fail_naming_the_fix(make_receiver, 
     with pytest.raises(ProtocolError, match="device='cuda'"):
         h.future.result(60)
     _eventually(lambda: r.ledger().reserved_bytes == 0 and s.budget_used == 0)
+
+
+def test_chunks_of_a_registered_gpu_buffer_write_from_its_one_registration(make_receiver, make_sender):
+    r = _gpu_receiver(make_receiver)
+    s = make_sender(backend="nixl")
+    (pool,) = _gpu_chunks([8 << 20])  # e.g. a KV cache region, registered once
+    s.register(pool)
+    side = s._nixl.result()
+    for t in range(2):
+        chunks = [pool[i << 20:(i + 1) << 20] for i in range(8)]
+        fut = s.submit(r.control_address, f"vram-pool-{t}", chunks)
+        with r.wait(f"vram-pool-{t}", timeout=60) as got:
+            assert all(torch.equal(got.chunk(i), c) for i, c in enumerate(chunks))
+        fut.result(60)
+    assert sum(p.cache.pinned_hits for p in side.progresses) == 16
+    assert sum(p.cache.misses for p in side.progresses) == 0
+    assert s.unregister(pool)
+    _eventually(lambda: r.ledger().reserved_bytes == 0 and s.budget_used == 0)
