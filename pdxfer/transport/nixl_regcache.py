@@ -24,6 +24,7 @@ it once no WRITE from it is in flight.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class RegistrationCache:
         self._idle_bytes = 0
         self._by_owner: dict[str, set[Key]] = {}
         self._pins: dict[Key, _Entry] = {}  # pinned buffers, by (address, nbytes, 1)
+        # Live pins sorted by address (they never overlap): a chunk finds its pin by bisection,
+        # since a caller may register many buffers (e.g. one KV cache tensor per layer).
+        self._pin_index: list[Key] = []
         self.hits = 0
         self.misses = 0
         self.pinned_hits = 0
@@ -98,17 +102,19 @@ class RegistrationCache:
         end = addr + view.nbytes
         if view.nbytes <= 0:
             raise ValueError("cannot register an empty buffer")
-        for (a, n, _), e in self._pins.items():
-            if not e.unpinned and a < end and addr < a + n:
+        i = bisect.bisect_left(self._pin_index, (addr,))
+        for a, n, _ in self._pin_index[max(0, i - 1):i + 1]:  # only neighbours can overlap
+            if a < end and addr < a + n:
                 raise ValueError(f"buffer [{addr:#x}, {end:#x}) overlaps one registered already "
                                  f"[{a:#x}, {a + n:#x}): unregister that one first")
         key = (addr, view.nbytes, 1)
         stale = self._pins.get(key)
         if stale is not None:  # unpinned, its last WRITE still in flight: the same memory, kept alive by it
             stale.unpinned = False
-            return key
-        self._pins[key] = _Entry(self._agent.register(addr, view.nbytes, mem, dev),
-                                 keep if keep is not None else memoryview(view), mem=(mem, dev))
+        else:
+            self._pins[key] = _Entry(self._agent.register(addr, view.nbytes, mem, dev),
+                                     keep if keep is not None else memoryview(view), mem=(mem, dev))
+        bisect.insort(self._pin_index, key)
         return key
 
     def unpin(self, view: "memoryview | DeviceChunk") -> bool:
@@ -119,14 +125,18 @@ class RegistrationCache:
         if entry is None or entry.unpinned:
             return False
         entry.unpinned = True
+        self._pin_index.remove((addr, view.nbytes, 1))
         if entry.refs == 0:
             self._drop_pin((addr, view.nbytes, 1))
         return True
 
     def _pinned_for(self, addr: int, nbytes: int, mem: tuple[str, int]) -> Key | None:
-        for key, e in self._pins.items():
-            if not e.unpinned and e.mem == mem and key[0] <= addr and addr + nbytes <= key[0] + key[1]:
-                return key
+        i = bisect.bisect_right(self._pin_index, (addr, float("inf"))) - 1
+        if i < 0:
+            return None
+        key = self._pin_index[i]
+        if addr + nbytes <= key[0] + key[1] and self._pins[key].mem == mem:
+            return key
         return None
 
     def acquire(self, view: "memoryview | DeviceChunk", owner: str) -> tuple[Key, int]:
@@ -134,7 +144,7 @@ class RegistrationCache:
         registered now if not cached); returns (key, address). Host and GPU addresses share
         one (unified) address space, so keys cannot collide."""
         addr, pin, mem, dev = _describe(view)
-        if self._pins:
+        if self._pin_index:
             pinned = self._pinned_for(addr, view.nbytes, (mem, dev))
             if pinned is not None:
                 self._pins[pinned].refs += 1
@@ -196,6 +206,7 @@ class RegistrationCache:
         self._by_owner.clear()
         for key in list(self._pins):
             self._drop_pin(key)
+        self._pin_index.clear()
 
     def _drop_pin(self, key: Key) -> None:
         entry = self._pins.pop(key)
