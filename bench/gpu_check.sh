@@ -2,9 +2,10 @@
 # The device session's one prepared check (nvidia-h200 image: torch, CuPy, nvcc, uvloop,
 # xxhash, pytest are there; nixl, nixl-cu13, pyzmq, msgspec, structlog and pytest-asyncio
 # are not, and nothing can be fetched there). Carry them as wheels in .whl/ (ignored by
-# git; see /work/.library/device/README.md for the pip download line: python 3.12,
-# nixl==1.5.1 nixl-cu13==1.5.1 pyzmq msgspec structlog pytest-asyncio, ~60 MB), then:
+# git, so a fresh checkout has none; python 3.12 builds of nixl, nixl-cu13, pyzmq,
+# msgspec, structlog and pytest-asyncio, ~58 MB), then:
 #
+#   bash scripts/fetch_gpu_wheels.sh
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 # It runs every GPU test (pack kernels, devsum, VRAM regions and chunks over NIXL, the
