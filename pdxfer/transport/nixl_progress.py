@@ -12,10 +12,7 @@ idle. So each process side (sender, receiver) has one `NixlProgress` thread that
   NIXL). Registration happens here too, through the `RegistrationCache` this thread owns:
   registering from the loop had to wait for the agent lock held across each copy, which
   stalled the pipeline once per chunk (~0.6 of raw NIXL with one transfer in flight).
-  Consecutive WRITEs to one peer (between the same memory kinds: DRAM/VRAM) go out as
-  one NIXL request (up to `max_batch` chunks)
-  with their notifications concatenated: one request, one notification and one loop
-  wake-up per batch (raw NIXL alone gained ~5% from 8 descriptors per request);
+  Consecutive WRITEs to one peer go out as one NIXL request (`nixl_batch`);
 - **blocks on a `threading.Event`** — zero CPU — while nothing is outstanding (no post
   queued, no WRITE in flight, nobody waiting for notifications);
 - **polls while something is outstanding**, first back to back for `spin_s` after the last
@@ -49,33 +46,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import structlog
 
 from pdxfer.layout.buffers import DRAM, DeviceChunk, mem_of
 from pdxfer.transport.nixl_agent import NixlAgent
+from pdxfer.transport.nixl_batch import Done, WritePost, group_writes
 from pdxfer.transport.nixl_regcache import Key, RegistrationCache
 
 log = structlog.get_logger("pdxfer.nixl")
 
-Done = Callable[[str, str], None]  # called on its loop with ("DONE" | "ERR", error text)
 # {agent: [notification]}, or with a Prepare: ({agent: [notification]}, what it made of them)
 NotifSink = Callable[[Any], None]
 Prepare = Callable[[dict[str, list[bytes]]], Any]  # runs on the progress thread
-
-
-class _Post(NamedTuple):
-    loop: asyncio.AbstractEventLoop
-    done: Done
-    local: "memoryview | DeviceChunk | int"  # a buffer to register (through the cache) or a registered address
-    owner: str  # transfer id: its registrations are dropped when it ends
-    remote_addr: int
-    nbytes: int
-    remote: str
-    notif: bytes
-    local_mem: tuple[str, int]  # (NIXL memory kind, device) of `local`
-    remote_mem: tuple[str, int]
 
 
 # handle, loop, and per WRITE in the request: (done, registration)
@@ -109,7 +93,7 @@ class NixlProgress:
         self.stats = ProgressStats()
         self.cache = RegistrationCache(agent)  # touched by this thread only (and after stop())
         self._mu = threading.Lock()
-        self._posts: list[_Post] = []
+        self._posts: list[WritePost] = []
         self._ended: list[str] = []
         self._calls: list[tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]] = []
         self._incoming: list[_Pending] = []
@@ -140,11 +124,10 @@ class NixlProgress:
             if self._stopping:
                 _call(loop, _run_all, [(done, ("ERR", "NIXL progress thread stopped"))])
                 return
-            self._posts.append(_Post(loop, done, local, owner, remote_addr, nbytes, remote, notif,
+            self._posts.append(WritePost(loop, done, local, owner, remote_addr, nbytes, remote, notif,
                                      local_mem, remote_mem))
             wake = self._waiting
-        if wake:
-            self._wake.set()
+        self._wake_if(wake)
 
     def run(self, fn: Callable[[], Any], timeout: float) -> Any:
         """Run `fn` on this thread (e.g. a change to its registration cache, which only this
@@ -155,8 +138,7 @@ class NixlProgress:
                 raise RuntimeError("NIXL progress thread stopped")
             self._calls.append((fn, fut))
             wake = self._waiting
-        if wake:
-            self._wake.set()
+        self._wake_if(wake)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -169,8 +151,7 @@ class NixlProgress:
         with self._mu:
             self._ended.append(owner)
             wake = self._waiting
-        if wake:
-            self._wake.set()
+        self._wake_if(wake)
 
     def watch(self, handle: Any, loop: asyncio.AbstractEventLoop, done: Done) -> None:
         """Report an already posted `handle`'s final state to `done` on `loop` (it is released here)."""
@@ -180,8 +161,7 @@ class NixlProgress:
                 return
             self._incoming.append((handle, loop, [(done, None)]))
             wake = self._waiting
-        if wake:
-            self._wake.set()
+        self._wake_if(wake)
 
     def want_notifs(self, delta: int) -> None:
         """+1 while someone expects notifications (a granted NIXL transfer), -1 when not."""
@@ -193,8 +173,7 @@ class NixlProgress:
                 log.error("nixl_interest_negative", interest=self._interest)
                 self._interest = 0
             wake = delta > 0 and self._waiting
-        if wake:
-            self._wake.set()
+        self._wake_if(wake)
 
     def kick(self) -> None:
         """Something is about to arrive (e.g. a COMMIT came before the last notification):
@@ -202,8 +181,7 @@ class NixlProgress:
         with self._mu:
             self._kicked = True
             wake = self._waiting
-        if wake:
-            self._wake.set()
+        self._wake_if(wake)
 
     @property
     def interest(self) -> int:
@@ -308,6 +286,11 @@ class NixlProgress:
                 self.stats.sleeps += 1
                 self._wait_for_work(sleep)  # poll-ok: backoff while a WRITE/notification is outstanding; new work cuts it short
 
+    def _wake_if(self, waiting: bool) -> None:
+        """New work was queued: set the Event only if the thread was waiting then."""
+        if waiting:
+            self._wake.set()
+
     def _wait_for_work(self, timeout: float) -> bool:
         """Wait up to `timeout` unless work came in meanwhile; False if it had (no wait)."""
         with self._mu:
@@ -318,29 +301,16 @@ class NixlProgress:
         self._wake.wait(timeout)
         return True
 
-    def _post_all(self, posts: list[_Post]) -> None:
-        """Post queued WRITEs, consecutive ones to the same peer as one NIXL request (up to
-        `max_batch` / `max_batch_bytes`) with their notifications concatenated: one request,
-        one notification and one loop wake-up per batch instead of per chunk."""
+    def _post_all(self, posts: list[WritePost]) -> None:
+        """Post queued WRITEs, batched into requests by `nixl_batch.group_writes`."""
         results: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., None], tuple]]] = {}
-        i = 0
-        while i < len(posts):
-            first = posts[i]
-            group = [first]
-            size = first.nbytes
-            i += 1
-            while (i < len(posts) and len(group) < self.max_batch and posts[i].loop is first.loop
-                   and posts[i].remote == first.remote and posts[i].local_mem == first.local_mem
-                   and posts[i].remote_mem == first.remote_mem and size + posts[i].nbytes <= self.max_batch_bytes):
-                group.append(posts[i])
-                size += posts[i].nbytes
-                i += 1
-            self._post_group(group, results.setdefault(first.loop, []))
+        for group in group_writes(posts, self.max_batch, self.max_batch_bytes):
+            self._post_group(group, results.setdefault(group[0].loop, []))
         for loop, calls in results.items():
             if calls:
                 _call(loop, _run_all, calls)
 
-    def _post_group(self, group: list[_Post], calls: list[tuple[Callable[..., None], tuple]]) -> None:
+    def _post_group(self, group: list[WritePost], calls: list[tuple[Callable[..., None], tuple]]) -> None:
         segments, notifs, members = [], [], []
         for p in group:
             key: Key | None = None
