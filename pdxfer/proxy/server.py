@@ -61,7 +61,7 @@ async def serve(cfg: ProxyConfig, ready: Callable[[ProxyServer], None] | None = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await stop.wait()  # no deadline by design: a daemon serves until SIGTERM/SIGINT
         log.info("proxy_draining", in_flight=server.app[STATE].in_flight, drain_timeout=cfg.drain_timeout)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

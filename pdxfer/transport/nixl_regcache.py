@@ -50,11 +50,15 @@ def buffer_address(view: memoryview) -> int:
 
     Called for every chunk a NIXL worker posts, with the GIL held: ctypes reads a
     writable buffer's address in ~0.2 µs, numpy (which also takes read-only ones) in ~2 µs."""
-    if not view.readonly:
-        try:
-            return ctypes.addressof(ctypes.c_char.from_buffer(view))
-        except (TypeError, ValueError, BufferError):  # e.g. a non-contiguous export: numpy says why
-            pass
+    if view.readonly:
+        return _numpy_address(view)
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError, BufferError):  # e.g. a non-contiguous export
+        return _numpy_address(view)  # which raises the error that names the problem
+
+
+def _numpy_address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
@@ -94,7 +98,7 @@ class RegistrationCache:
 
     @property
     def pinned(self) -> int:
-        return sum(1 for e in self._pins.values() if not e.unpinned)
+        return len(self._pin_index)  # live pins only: unpinned ones leave the index at once
 
     def pin(self, view: "memoryview | DeviceChunk") -> Key:
         """Register `view` until `unpin`: chunks inside it need no registration of their own."""
