@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                         "gbps": round(statistics.median(p_rates), 3), "baseline": baseline_name,
                         "baseline_gbps": round(statistics.median(b_rates), 3), "ratio": round(statistics.median(ratios), 3),
                         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "pairs": args.pairs,
-                        "registered_source": bool(args.register),
+                        "registered_source": bool(args.register and args.backend == "nixl"),  # TCP registers nothing
                     }
                     if verified:
                         v_ratios = [p / v for p, v in zip(p_rates, v_rates)]
