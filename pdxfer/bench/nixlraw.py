@@ -2,10 +2,20 @@
 
 The NIXL counterpart of `rawsock`: the ceiling that `pdxfer bench transfer --backend nixl`
 reports its throughput against, measured in the same run. A target process registers a
-transfer-sized buffer once and exposes its agent metadata; the bench process registers its
-source buffer once and WRITEs it chunk by chunk (each chunk to its own offset, cycling
-over the buffer as a KV receiver would), each WRITE with a small notification, keeping
-`concurrency` WRITEs in flight and polling their states back to back on its own thread.
+buffer once and exposes its agent metadata; the bench process registers its source
+buffer (one transfer's bytes) once and WRITEs it chunk by chunk, each chunk to its own
+offset, each WRITE with a small notification, keeping `concurrency` WRITEs in flight and
+polling their states back to back on its own thread.
+
+Where the bytes land (`ranges`): pdxfer's receiver gives each transfer in flight its own
+range of its region, so with 4 transfers in flight the bench's WRITEs land over 4-5
+transfer-sized ranges (first fit, 64 MiB transfers: offsets 0-256 MiB seen), not over one.
+The destination span alone moves the bare loop: into one 64 MiB range it WRITEs
+7.3-7.6 GB/s here, cycling over 256 MiB 6.4 (this host's 480 MiB L3 holds source and
+target of the small span). So the baseline lands transfer `k` in range `k % ranges` of
+the target, `ranges` = the transfers pdxfer keeps in flight: the same footprint pdxfer's
+receiver needs at the least (it used one range more at 4 in flight, which only makes
+the baseline a little more cache-friendly than pdxfer).
 The target drains notifications with the same progress thread pdxfer's receiver uses, so
 both sides of the comparison pay the same for being told that bytes landed.
 
@@ -49,7 +59,7 @@ def serve(size: int, device: str = "cpu") -> None:
         addr, mem = int(view.data_ptr()), ("VRAM", view.device.index or 0)
     agent.register(addr, size, *mem)
     progress = NixlProgress(agent, "nixlraw-target")
-    count = [0, 0]  # notifications, verification mismatches
+    count = [0, 0, 0]  # notifications, verification mismatches, end of the highest verified chunk
 
     def on_notifs(notifs: dict[str, list[bytes]]) -> None:
         for msgs in notifs.values():
@@ -58,6 +68,7 @@ def serve(size: int, device: str = "cpu") -> None:
                 if len(raw) == _VERIFY_NOTIF.size:
                     _, off, n, csum = _VERIFY_NOTIF.unpack(raw)
                     count[1] += _checksum(view[off : off + n]) != csum
+                    count[2] = max(count[2], off + n)
 
     loop = _NoLoop(on_notifs)
     progress.set_sink(loop, loop.sink)  # type: ignore[arg-type]
@@ -69,7 +80,8 @@ def serve(size: int, device: str = "cpu") -> None:
     agent.close()
     if isinstance(view, memoryview):
         view.release()
-    print(json.dumps({"notifications": count[0], "verify_mismatches": count[1]}), flush=True)
+    print(json.dumps({"notifications": count[0], "verify_mismatches": count[1], "verified_span": count[2]}),
+          flush=True)
 
 
 _VERIFY_NOTIF = struct.Struct("<QQQQ")  # sequence number, offset, length, checksum
@@ -104,7 +116,8 @@ class RawWriter:
         self.remote_addr = int(target["addr"])
         self.remote_mem = tuple(target.get("mem", ("DRAM", 0)))
         nbytes = int(data.numel()) if hasattr(data, "is_cuda") else data.nbytes
-        self.span = min(int(target["size"]), nbytes)
+        self.span = min(int(target["size"]), nbytes)  # one transfer's bytes
+        self.target_size = int(target["size"])
         self.data = data
         if hasattr(data, "is_cuda"):
             self.local_addr, self.local_mem = int(data.data_ptr()), ("VRAM", data.device.index or 0)
@@ -113,24 +126,29 @@ class RawWriter:
         self.agent.register(self.local_addr, nbytes, *self.local_mem)
 
     def run(self, total_bytes: int, chunk: int, concurrency: int, timeout: float = 120.0, *,
-            verify: bool = False, start: int = 0) -> float:
+            verify: bool = False, start: int = 0, ranges: int = 1) -> float:
         """Seconds to WRITE `total_bytes` in `chunk` pieces with `concurrency` in flight,
-        from offset `start` on; with `verify`, every chunk hashed before its WRITE and by
+        from offset `start` on, transfer `k` of them into range `k % ranges` of the target
+        (see the module docstring); with `verify`, every chunk hashed before its WRITE and by
         the target on arrival."""
         inflight: list[Any] = []
-        left, pos, seq = total_bytes, start - start % chunk, 0
+        if not 1 <= ranges or ranges * self.span > self.target_size:
+            raise ValueError(f"{ranges} landing ranges of {self.span} bytes do not fit the "
+                             f"{self.target_size}-byte target")
+        left, pos, seq, rng = total_bytes, start - start % chunk, 0, 0
         deadline = time.monotonic() + timeout
         t0 = time.perf_counter()
         while left or inflight:
             while left and len(inflight) < concurrency:
                 if pos >= self.span:
-                    pos = 0
+                    pos, rng = 0, (rng + 1) % ranges
+                dst = rng * self.span + pos
                 n = min(chunk, left, self.span - pos)
                 if verify:
-                    notif = _VERIFY_NOTIF.pack(seq, pos, n, _checksum(self.data[pos : pos + n]))
+                    notif = _VERIFY_NOTIF.pack(seq, dst, n, _checksum(self.data[pos : pos + n]))
                 else:
                     notif = seq.to_bytes(8, "little")
-                h, state, err = self.agent.post_write([(self.local_addr + pos, self.remote_addr + pos, n)], self.remote,
+                h, state, err = self.agent.post_write([(self.local_addr + pos, self.remote_addr + dst, n)], self.remote,
                                                       notif, self.local_mem, self.remote_mem)  # type: ignore[arg-type]
                 if state == "ERR":
                     raise RuntimeError(f"baseline WRITE failed: {err}")
@@ -154,19 +172,19 @@ class RawWriter:
 
 
 def run_parallel(writers: list[RawWriter], total_bytes: int, chunk: int, concurrency: int, *,
-                 verify: bool = False, timeout: float = 120.0) -> float:
+                 verify: bool = False, timeout: float = 120.0, ranges: int = 1) -> float:
     """Seconds for `writers` (each its own agent, on its own thread) to WRITE `total_bytes`
     between them, each starting at its own share of the buffer: the plain loop with the
     parallelism of pdxfer's NIXL workers, so a ratio to it compares like with like."""
     if len(writers) == 1:
-        return writers[0].run(total_bytes, chunk, concurrency, timeout, verify=verify)
+        return writers[0].run(total_bytes, chunk, concurrency, timeout, verify=verify, ranges=ranges)
     share = -(-total_bytes // len(writers) // chunk) * chunk
     errors: list[BaseException] = []
 
     def one(i: int, w: RawWriter) -> None:
         try:
             w.run(min(share, max(0, total_bytes - i * share)), chunk, concurrency, timeout, verify=verify,
-                  start=i * w.span // len(writers))
+                  start=i * w.span // len(writers), ranges=ranges)
         except BaseException as exc:
             errors.append(exc)
 

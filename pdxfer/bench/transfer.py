@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         assert base is not None
         if writer is not None:
             if verify:  # as many writer threads as pdxfer has NIXL workers
-                return nixlraw.run_parallel([writer, *extra_writers], total, chunk, conc, verify=True)
-            return writer.run(total, chunk, conc)
+                return nixlraw.run_parallel([writer, *extra_writers], total, chunk, conc, verify=True, ranges=conc)
+            return writer.run(total, chunk, conc, ranges=conc)  # lands where `conc` transfers would
         return rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc, verify=verify)
 
     verified = args.verified_baseline
@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
         if args.backend == "nixl":
             from pdxfer.bench import nixlraw
 
-            base = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(tsize), args.device], ready_timeout=60)
+            # room for `conc` transfers side by side, as pdxfer's receiver lands them (nixlraw)
+            base = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(tsize * max(concs)), args.device],
+                                ready_timeout=60)
             writer = nixlraw.RawWriter(base.info, buf if gpu else memoryview(buf))
             if args.verified_baseline:
                 extra_writers = [nixlraw.RawWriter(base.info, buf if gpu else memoryview(buf))
@@ -176,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
                         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "pairs": args.pairs,
                         "registered_source": bool(args.register and args.backend == "nixl"),  # TCP registers nothing
                     }
+                    if writer is not None:  # NIXL: the target span the baseline's WRITEs cycled over
+                        row["baseline_landing_bytes"] = tsize * conc
                     if verified:
                         v_ratios = [p / v for p, v in zip(p_rates, v_rates)]
                         row.update({

@@ -50,6 +50,8 @@ def test_bench_transfer_json(backend, register):
         assert r["verified_baseline"] == r["baseline"] + "_verified"
         assert r["verified_writers"] == (2 if backend == "nixl" else 1)  # one per NIXL worker (default 2)
         assert r["registered_source"] is register
+        if backend == "nixl":  # the baseline lands `concurrency` transfers side by side
+            assert r["baseline_landing_bytes"] == r["concurrency"] * (4 << 20)
 
 
 @pytest.mark.gpu
@@ -126,3 +128,32 @@ def test_verified_nixl_baseline_counts_wrong_checksums(monkeypatch, lie, writers
         target.kill()
     assert final is not None and final["notifications"] == 8
     assert final["verify_mismatches"] == (8 if lie else 0)
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+@pytest.mark.parametrize("ranges", [1, 3])
+def test_nixl_baseline_lands_transfers_side_by_side(ranges):
+    """With `ranges` transfers in flight pdxfer's receiver lands each in its own range, so
+    the baseline does too: transfer k goes to range k % ranges, every chunk verified where
+    the notification says it landed, and the WRITEs cover exactly ranges x transfer."""
+    from pdxfer.bench import nixlraw
+    from pdxfer.transport.nixl_agent import apply_ucx_env
+
+    apply_ucx_env()
+    size = 4 << 20
+    target = ChildProcess([sys.executable, "-m", "pdxfer.bench.nixlraw", str(3 * size)], ready_timeout=60)
+    writer = None
+    try:
+        writer = nixlraw.RawWriter(target.info, memoryview(np.arange(size, dtype=np.uint8)))
+        with pytest.raises(ValueError, match="4 landing ranges"):
+            writer.run(size, 1 << 20, 1, ranges=4)  # 4 x 4 MiB do not fit the 12 MiB target
+        writer.run(6 * size, 1 << 20, 2, verify=True, ranges=ranges)  # 6 transfers' worth
+        writer.close()
+        writer = None
+        final = target.finish(timeout=30)
+    finally:
+        if writer is not None:
+            writer.close()
+        target.kill()
+    assert final is not None and final["notifications"] == 24 and final["verify_mismatches"] == 0
+    assert final["verified_span"] == ranges * size
