@@ -16,6 +16,7 @@ target of the small span). So the baseline lands transfer `k` in range `k % rang
 the target, `ranges` = the transfers pdxfer keeps in flight: the same footprint pdxfer's
 receiver needs at the least (it used one range more at 4 in flight, which only makes
 the baseline a little more cache-friendly than pdxfer).
+
 The target drains notifications with the same progress thread pdxfer's receiver uses, so
 both sides of the comparison pay the same for being told that bytes landed.
 
@@ -132,7 +133,7 @@ class RawWriter:
         (see the module docstring); with `verify`, every chunk hashed before its WRITE and by
         the target on arrival."""
         inflight: list[Any] = []
-        if not 1 <= ranges or ranges * self.span > self.target_size:
+        if ranges < 1 or ranges * self.span > self.target_size:
             raise ValueError(f"{ranges} landing ranges of {self.span} bytes do not fit the "
                              f"{self.target_size}-byte target")
         left, pos, seq, rng = total_bytes, start - start % chunk, 0, 0
