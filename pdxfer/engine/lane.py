@@ -88,6 +88,9 @@ class Lane:
         self._hello: asyncio.Future[m.HelloOk] = self._loop.create_future()
         self._hello.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if unawaited
         self._liveness = Liveness(cfg.peer_timeout_s)
+        # Set when the receiver answers as if it had never heard of this lane: it restarted
+        # on the same address (ZMQ reconnects under us without a word) or forgot the peer.
+        self._forgotten: asyncio.Future[Exception] = self._loop.create_future()
         # Resolved once HELLO and the data path are up; fails with the reason the lane died.
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -111,7 +114,8 @@ class Lane:
             beat = self._loop.create_task(self._heartbeat_loop())
             assert self.data is not None
             try:
-                done, _ = await asyncio.wait({sender, beat, self.data.closed}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({sender, beat, self.data.closed, self._forgotten},
+                                             return_when=asyncio.FIRST_COMPLETED)
                 first = done.pop()
                 err = first.result()  # PeerLost from the EOF watcher or heartbeat; None when idle
             finally:
@@ -313,6 +317,14 @@ class Lane:
             if msg.cid == self._hello_cid and not self._hello.done():
                 self._hello.set_exception(ProtocolError(f"receiver refused HELLO: {msg.error} {msg.detail}",
                                                         peer=self.address, waiting_for="hello"))
+            elif msg.error == "no_hello" and self._hello.done():
+                # Nothing this lane sends can succeed now (its reservations, if any, died
+                # with the old incarnation): end it, so its transfers fail with PeerLost at
+                # once instead of at their deadlines, and the next open() says HELLO afresh.
+                if not self._forgotten.done():
+                    self._forgotten.set_result(PeerLost("the receiver no longer knows this sender "
+                                                        "(restarted, or dropped the peer)", peer=self.address,
+                                                        waiting_for=f"reply to cid {msg.cid}"))
             else:
                 log.error("receiver_error", peer=self.address, error=msg.error, detail=msg.detail)
             return

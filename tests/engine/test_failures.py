@@ -127,6 +127,43 @@ def test_receiver_killed_mid_transfer_fails_sender_with_peer_lost(receiver_proc,
     assert s.budget_used == 0
 
 
+def test_receiver_restarted_on_the_same_address_is_told_apart_from_the_old_one(receiver_proc, make_sender, backend):
+    """Found by `pdxfer chaos`: a receiver killed and restarted on the same control port
+    while a NIXL lane sat idle. ZMQ reconnected the lane to the new process without a
+    word (NIXL has no data connection whose EOF would tell), the new receiver answered
+    every RESERVE with "send HELLO first", and each transfer waited out its deadline. Now
+    the first transfer fails at once with PeerLost naming why, and the next one runs on
+    a fresh lane that says HELLO to the new receiver."""
+    port = str(_free_port())
+    rx = receiver_proc("--capacity", str(16 << 20), "--control-port", port)
+    s = make_sender(backend=backend)  # an idle lane sends no heartbeats: nothing else notices
+    payload = Payload.uniform(1 << 20, 256 << 10)
+    chunk = np.ones(256 << 10, dtype=np.uint8)
+
+    def transfer(tid: str) -> None:
+        h = s.open(rx.info["control"], tid, payload, deadline_s=30)
+        for i in range(payload.chunk_count):
+            h.put(i, chunk)
+        h.future.result(35)
+
+    transfer("before")
+    rx.signal(signal.SIGKILL)
+    rx.proc.wait(10)
+    rx = receiver_proc("--capacity", str(16 << 20), "--control-port", port)
+    try:
+        transfer("first-after")  # TCP: the old lane has mostly seen its data connection close
+    except PeerLost as exc:  # not TransferTimeout: the old lane is told apart at the first reply
+        assert backend == "tcp" or "no longer knows this sender" in str(exc), exc
+    transfer("second-after")
+    assert s.budget_used == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_malformed_truncated_and_oversized_frames_drop_only_that_connection(make_receiver, make_sender):
     r = make_receiver()
     s = make_sender()
