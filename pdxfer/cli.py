@@ -17,6 +17,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "spill"), "pdxfer.bench.spill", "streaming from the disk spill tier vs a plain sequential file read, paired"),
     (("bench", "pack"), "pdxfer.pack.bench", "pack/unpack GB/s vs copy and torch gather"),
     (("proxy",), "pdxfer.proxy.cli", "OpenAI-compatible prefill/decode routing proxy"),
+    (("chaos",), "pdxfer.chaos.runner", "fault-injection run: kills, freezes, bit flips, resets; checks no corruption/hang/leak"),
 ]
 
 

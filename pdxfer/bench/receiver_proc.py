@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunk checksum the region is checked with (default: xxh3 on cpu, devsum64 on a GPU)")
     p.add_argument("--recv-piece", type=parse_size, default=None,
                    help="TCP: receive and hash payloads in pieces of at most this size (default 1MiB)")
+    p.add_argument("--advertise-data", default="",
+                   help="host:port senders dial for TCP data, if not the listening address (NAT, a relay)")
     p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
     p.add_argument("--nixl-max-sleep-us", type=float, default=None, help="NIXL progress: longest backoff sleep")
     p.add_argument("--nixl-nice", type=int, default=None,
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = ReceiverConfig(capacity=args.capacity, host=args.host, control_port=args.control_port,
                              data_port=args.data_port, lease_s=args.lease, token=args.token,
                              backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-                             device=args.device, checksum=args.checksum,
+                             device=args.device, checksum=args.checksum, advertise_data=args.advertise_data,
                              **nixl_tuning)
         receiver = Receiver(cfg)  # a GPU region is allocated here: no such device is a ValueError too
     except ValueError as exc:  # a setting out of range: say which, no traceback
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with receiver as rx:
         rx.on_transfer(on_transfer)
-        print(json.dumps({"control": rx.control_address, "data": rx.data_address}), flush=True)
+        print(json.dumps({"control": rx.control_address, "data": rx.data_address, "pid": os.getpid()}), flush=True)
         if args.exit_on_stdin_eof:
             threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
         while not stop.wait(3600):

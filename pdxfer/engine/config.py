@@ -141,10 +141,19 @@ class ReceiverConfig:
     # Chunk checksum the region is checked with (pdxfer.protocol.checksum); None: "xxh3"
     # on the host, "devsum64" on a GPU (computed there by a kernel).
     checksum: str | None = None
+    # "host:port" senders dial for TCP data, where that is not the listening address: a
+    # container port mapping, a NAT, or `pdxfer chaos`'s fault-injecting relay. "": the
+    # address the data listener is bound to.
+    advertise_data: str = ""
 
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ValueError(f"ReceiverConfig.capacity must be > 0, got {self.capacity}")
+        if self.advertise_data:
+            host, sep, port = self.advertise_data.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"ReceiverConfig.advertise_data must be 'host:port' (port 1-65535), "
+                                 f"got {self.advertise_data!r}")
         cuda_index(self.device)  # raises on anything but cpu / cuda / cuda:N
         if self.device != "cpu" and "tcp" in self.backends:
             raise ValueError(f"ReceiverConfig.device={self.device!r} needs backends=('nixl',): the tcp data path "

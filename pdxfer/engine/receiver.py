@@ -128,7 +128,7 @@ class Receiver:
         self._server = await loop.create_server(factory, self.config.host, self.config.data_port, backlog=1024)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.data_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        core.data_address = self.data_address
+        core.data_address = self.config.advertise_data or self.data_address  # what HELLO_OK tells senders
         self._zctx = zmq.asyncio.Context()
         host_part = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         bind = f"tcp://{host_part}:{self.config.control_port or '*'}"
