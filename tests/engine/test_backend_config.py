@@ -52,3 +52,31 @@ def test_receive_piece_size_is_validated():
     assert ReceiverConfig().recv_piece_bytes == 1 << 20
     with pytest.raises(ValueError, match="recv_piece_bytes"):
         ReceiverConfig(recv_piece_bytes=100)
+
+
+@pytest.mark.parametrize("bad", ["nope", "host:", ":80", "host:0", "host:70000", "host:8x"])
+def test_advertised_data_address_is_validated(bad):
+    with pytest.raises(ValueError, match="advertise_data must be 'host:port'"):
+        ReceiverConfig(advertise_data=bad)
+    assert ReceiverConfig(advertise_data="10.0.0.7:9000").advertise_data == "10.0.0.7:9000"
+
+
+def test_senders_dial_the_advertised_data_address(make_receiver, make_sender):
+    """What HELLO_OK names is where the TCP data goes: through a relay here."""
+    import numpy as np
+
+    from pdxfer.chaos.relay import Relay
+    from pdxfer.layout.payload import Payload
+
+    relay = Relay("127.0.0.1", 1).start()  # pointed at the receiver once that has its port
+    try:
+        rx = make_receiver(advertise_data=relay.address)
+        host, port = rx.data_address.rsplit(":", 1)
+        relay.retarget(host, int(port))
+        s = make_sender()
+        h = s.open(rx.control_address, "via-relay", Payload((4096,)))
+        h.put(0, np.arange(4096, dtype=np.uint8) % 251)
+        h.future.result(20)
+        assert relay.stats()["connections"] == 1 and relay.stats()["bytes_up"] >= 4096
+    finally:
+        relay.close()
