@@ -12,19 +12,29 @@ the absolute address of the reserved range inside that region.
 
 Deadlines travel as *remaining milliseconds*, never as absolute times: the two hosts'
 clocks are unrelated, and each side turns the budget into its own monotonic deadline.
+
+Every body is sealed: the msgpack bytes and then their xxh3-64, 8 bytes little-endian
+(protocol version 2; version 1 had no seal). A flipped bit that TCP's 16-bit checksum
+let through would otherwise be read as a valid message with a wrong value: `pdxfer chaos
+--faults control-corrupt` delivered bodies claiming protocol version 17 and missing
+fields, and a flip inside a GRANT's `addr` would have sent a NIXL WRITE into someone
+else's reservation. Such a body is now refused whole, like any malformed one.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Union
 
 import msgspec
+import xxhash
 
 from pdxfer.errors import ProtocolError
 from pdxfer.layout.payload import MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_TRANSFER_BYTES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_CONTROL_MESSAGE = 16 << 20  # a RESERVE with MAX_CHUNKS sizes fits comfortably
+_SEAL = struct.Struct("<Q")  # xxh3-64 of the msgpack body, after it
 MAX_ID_LEN = 256
 MAX_NIXL_WORKERS = 16  # a sender's NIXL agents, the one in nixl_agent included
 
@@ -125,22 +135,43 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
+def seal(body: bytes) -> bytes:
+    """A msgpack body as it travels: followed by its xxh3-64."""
+    return body + _SEAL.pack(xxhash.xxh3_64_intdigest(body))
+
+
 def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
+    return seal(_encoder.encode(msg))
 
 
 def decode(data: bytes | memoryview) -> Message:
-    """Decode and validate one control body; raises ProtocolError naming the defect."""
-    if len(data) > MAX_CONTROL_MESSAGE:
+    """Check the seal, decode and validate one control body; raises ProtocolError naming the defect."""
+    if len(data) > MAX_CONTROL_MESSAGE + _SEAL.size:
         raise ProtocolError(f"control message of {len(data)} bytes exceeds {MAX_CONTROL_MESSAGE}")
+    if len(data) <= _SEAL.size:
+        raise ProtocolError(f"control message of {len(data)} bytes is too short to carry its seal")
+    body = bytes(data[: -_SEAL.size])
+    (want,) = _SEAL.unpack(data[-_SEAL.size :])
+    if xxhash.xxh3_64_intdigest(body) != want:
+        raise ProtocolError(f"control message of {len(data)} bytes fails its xxh3 seal: corrupted in transit"
+                            f"{_unsealed_hint(data)}")
     try:
-        msg = _decoder.decode(data)
+        msg = _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable control message: {exc}") from None
     if msg.v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {msg.v} not supported (want {PROTOCOL_VERSION})")
     _validate(msg)
     return msg
+
+
+def _unsealed_hint(data: bytes | memoryview) -> str:
+    """A peer of protocol version 1 sends bodies with no seal: say so rather than 'corrupted'."""
+    try:
+        old = _decoder.decode(data)
+    except msgspec.DecodeError:
+        return ""
+    return f" (or unsealed: it reads whole as a protocol version {old.v} message; this peer speaks {PROTOCOL_VERSION})"
 
 
 def _validate(msg: Message) -> None:

@@ -55,9 +55,9 @@ def test_put_time_xxh3_is_not_trusted_by_a_devsum64_receiver(make_receiver, make
 
 
 def test_hello_ok_from_an_older_receiver_means_dram_and_xxh3():
-    old = msgspec.msgpack.encode({"t": "hello_ok", "v": 1, "cid": 3, "receiver_id": "r", "capabilities": ["tcp"],
+    old = msgspec.msgpack.encode({"t": "hello_ok", "v": m.PROTOCOL_VERSION, "cid": 3, "receiver_id": "r", "capabilities": ["tcp"],
                                   "data_address": "127.0.0.1:1", "conn_token": 9, "lease_ms": 1000})
-    msg = m.decode(old)
+    msg = m.decode(m.seal(old))  # without the fields added since
     assert isinstance(msg, m.HelloOk)
     assert (msg.checksum, msg.nixl_mem, msg.nixl_dev) == (XXH3, "DRAM", 0)
 

@@ -29,9 +29,30 @@ def test_invalid_messages_are_rejected_with_a_reason(msg, match):
 
 
 def test_garbage_and_oversize_are_protocol_errors():
-    with pytest.raises(ProtocolError, match="undecodable"):
+    with pytest.raises(ProtocolError, match="fails its xxh3 seal"):
         m.decode(b"\xc1\x00garbage")
     with pytest.raises(ProtocolError, match="undecodable"):
-        m.decode(msgspec.msgpack.encode({"t": "nope", "cid": 1}))
+        m.decode(m.seal(b"\xc1\x00garbage"))
+    with pytest.raises(ProtocolError, match="undecodable"):
+        m.decode(m.seal(msgspec.msgpack.encode({"t": "nope", "cid": 1})))
+    with pytest.raises(ProtocolError, match="too short to carry its seal"):
+        m.decode(b"\x01" * 8)
     with pytest.raises(ProtocolError, match="exceeds"):
-        m.decode(b"\x00" * (m.MAX_CONTROL_MESSAGE + 1))
+        m.decode(b"\x00" * (m.MAX_CONTROL_MESSAGE + 9))
+
+
+def test_every_single_bit_flip_of_a_sealed_body_is_refused():
+    """What `pdxfer chaos --faults control-corrupt` does to a GRANT, at every bit."""
+    wire = m.encode(m.Grant(cid=7, tid="t-1", slot=3, lease_ms=5000, addr=0x7F00_0000_1000))
+    for i in range(len(wire) * 8):
+        bad = bytearray(wire)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(ProtocolError):
+            m.decode(bytes(bad))
+    assert m.decode(wire) == m.Grant(cid=7, tid="t-1", slot=3, lease_ms=5000, addr=0x7F00_0000_1000)
+
+
+def test_a_protocol_1_peer_is_named_as_unsealed():
+    v1 = msgspec.msgpack.encode({"t": "heartbeat", "v": 1, "cid": 4})
+    with pytest.raises(ProtocolError, match="unsealed: it reads whole as a protocol version 1 message"):
+        m.decode(v1)
