@@ -5,6 +5,8 @@ Two families of fault:
 * on the TCP data stream, applied by the relay the senders dial instead of the receiver
   (`ReceiverConfig.advertise_data` points them at it): flip one bit (`corrupt`), hold
   the stream still (`stall`), or cut the connection with a reset (`reset`);
+* the same on the ZMQ control connections (`control-corrupt`, `control-stall`,
+  `control-reset`), through a second relay the senders dial as the receiver's address;
 * on processes, applied by the runner: freeze the receiver (`stop-receiver`, SIGSTOP
   then SIGCONT), kill it and start a new one on the same ports (`kill-receiver`), kill
   one sender process and start a fresh one (`kill-sender`).
@@ -26,13 +28,21 @@ class Fault(str, Enum):
     CORRUPT = "corrupt"
     STALL = "stall"
     RESET = "reset"
+    CONTROL_CORRUPT = "control-corrupt"
+    CONTROL_STALL = "control-stall"
+    CONTROL_RESET = "control-reset"
     STOP_RECEIVER = "stop-receiver"
     KILL_RECEIVER = "kill-receiver"
     KILL_SENDER = "kill-sender"
 
 
-#: Faults the relay applies to the TCP data stream (NIXL data bypasses the relay).
+#: What a relay can do to the bytes it forwards.
 STREAM_FAULTS = frozenset({Fault.CORRUPT, Fault.STALL, Fault.RESET})
+#: Stream faults on the TCP data connections (NIXL data bypasses the relay).
+DATA_FAULTS = STREAM_FAULTS
+#: The same on the ZMQ control connections (both backends), as the stream fault each is.
+CONTROL_FAULTS = {Fault.CONTROL_CORRUPT: Fault.CORRUPT, Fault.CONTROL_STALL: Fault.STALL,
+                  Fault.CONTROL_RESET: Fault.RESET}
 
 
 def parse_faults(text: str) -> tuple[Fault, ...]:
@@ -79,7 +89,8 @@ def schedule(seed: int, duration_s: float, faults: tuple[Fault, ...], every_s: f
             order = list(faults)
             rng.shuffle(order)
         fault = order.pop()
-        hold = round(rng.uniform(*hold_s), 3) if fault in (Fault.STALL, Fault.STOP_RECEIVER) else 0.0
+        held = (Fault.STALL, Fault.CONTROL_STALL, Fault.STOP_RECEIVER)
+        hold = round(rng.uniform(*hold_s), 3) if fault in held else 0.0
         target = rng.randrange(senders) if fault == Fault.KILL_SENDER else 0
         events.append(Event(round(t, 3), fault, target, hold))
         t += every_s * rng.uniform(0.7, 1.3)

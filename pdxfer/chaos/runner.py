@@ -4,7 +4,7 @@ A run starts one receiver (`pdxfer receiver --verify-pattern`, a small region an
 lease, so admission queues and leases expire within the run), `--senders` worker
 processes (`pdxfer.chaos.worker`) streaming pattern-filled transfers at it, and, for the
 TCP data path, a relay (`pdxfer.chaos.relay`) the receiver advertises as its data
-address. It then applies a seeded schedule of faults (`pdxfer.chaos.faults`), lets the
+address, and another in front of its control port that the senders dial instead. It then applies a seeded schedule of faults (`pdxfer.chaos.faults`), lets the
 last part of the run pass without any, stops everything and checks the three promises:
 
 * **no corruption** -- the receiver found no delivered chunk whose bytes differ from the
@@ -37,7 +37,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pdxfer.bench.procs import ChildProcess, receiver_argv
-from pdxfer.chaos.faults import STREAM_FAULTS, Event, Fault, parse_faults, schedule
+from pdxfer.chaos.faults import CONTROL_FAULTS, DATA_FAULTS, Event, Fault, parse_faults, schedule
+from pdxfer.chaos.worker import HANG_GRACE_S
 from pdxfer.units import parse_size
 
 STOP_TIMEOUT_S = 30.0  # a worker or receiver asked to stop must be gone by then
@@ -68,7 +69,7 @@ class ChaosRun:
         self.args = args
         faults = parse_faults(args.faults)
         if args.backend == "nixl":  # NIXL WRITEs do not pass through the relay
-            faults = tuple(f for f in faults if f not in STREAM_FAULTS)
+            faults = tuple(f for f in faults if f not in DATA_FAULTS)
         if not faults:
             raise ValueError(f"no fault left to inject on the {args.backend} data path")
         if args.senders < 1 or args.duration <= 0 or args.deadline <= 0 or args.lease <= 0:
@@ -76,7 +77,8 @@ class ChaosRun:
         self.faults = faults
         self.events = schedule(args.seed, args.duration, faults, args.every, senders=args.senders)
         self.control_port, self.data_port = _free_port(), _free_port()
-        self.relay: Any = None
+        self.relay: Any = None  # TCP data connections
+        self.control_relay: Any = None  # ZMQ control connections; senders dial it as the receiver
         self.receiver: ChildProcess | None = None
         self.workers: list[ChildProcess | None] = [None] * args.senders
         self.applied: list[dict[str, Any]] = []
@@ -88,7 +90,7 @@ class ChaosRun:
 
     @property
     def control(self) -> str:
-        return f"tcp://127.0.0.1:{self.control_port}"
+        return f"tcp://127.0.0.1:{self.control_relay.port}"
 
     # --------------------------------------------------------------- processes
     def _start_receiver(self, timeout: float = 20.0) -> None:
@@ -116,8 +118,10 @@ class ChaosRun:
 
     def _apply(self, ev: Event) -> None:
         self.applied.append({**asdict(ev), "fault": ev.fault.value})
-        if ev.fault in STREAM_FAULTS:
+        if ev.fault in DATA_FAULTS:
             self.relay.arm(ev.fault, ev.hold_s)
+        elif ev.fault in CONTROL_FAULTS:
+            self.control_relay.arm(CONTROL_FAULTS[ev.fault], ev.hold_s)
         elif ev.fault == Fault.STOP_RECEIVER:
             assert self.receiver is not None
             self.receiver.signal(signal.SIGSTOP)
@@ -129,8 +133,9 @@ class ChaosRun:
             assert self.receiver is not None
             self.receiver.kill()
             self.receiver_reports.append(None)  # what it delivered died with it
-            if self.relay is not None:
-                self.relay.cut_all()
+            for relay in (self.relay, self.control_relay):
+                if relay is not None:
+                    relay.cut_all()
             self._start_receiver()
         elif ev.fault == Fault.KILL_SENDER:
             w = self.workers[ev.target]
@@ -143,10 +148,11 @@ class ChaosRun:
     # --------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
         t_start = time.monotonic()
-        try:
-            if self.args.backend == "tcp":
-                from pdxfer.chaos.relay import Relay
+        from pdxfer.chaos.relay import Relay
 
+        try:
+            self.control_relay = Relay("127.0.0.1", self.control_port, seed=self.args.seed + 1).start()
+            if self.args.backend == "tcp":
                 self.relay = Relay("127.0.0.1", self.data_port, seed=self.args.seed).start()
             self._start_receiver()
             for i in range(self.args.senders):
@@ -155,7 +161,12 @@ class ChaosRun:
             for ev in self.events:
                 time.sleep(max(0.0, t0 + ev.at_s - time.monotonic()))  # poll-ok: the schedule's own clock
                 self._apply(ev)
-            time.sleep(max(0.0, t0 + self.args.duration - time.monotonic()))  # poll-ok: the quiet tail
+            # The quiet tail lasts until `duration`, and at least until a transfer the last
+            # fault caught (a lost GRANT waits out its deadline) has ended and a new one
+            # could run: else "no recovery" would blame a sender for the clock.
+            last = t0 + (self.events[-1].at_s + self.events[-1].hold_s if self.events else 0.0)
+            end = max(t0 + self.args.duration, last + self.args.deadline + HANG_GRACE_S)
+            time.sleep(max(0.0, end - time.monotonic()))  # poll-ok: the quiet tail
             for i, w in enumerate(self.workers):
                 self.worker_reports.append(w.finish(STOP_TIMEOUT_S) if w is not None else None)
                 self.workers[i] = None
@@ -170,14 +181,16 @@ class ChaosRun:
             if self.receiver is not None:
                 self.receiver.kill()
             relay_stats = self.relay.stats() if self.relay is not None else None
-            if self.relay is not None:
-                self.relay.close()
+            control_stats = self.control_relay.stats() if self.control_relay is not None else None
+            for relay in (self.relay, self.control_relay):
+                if relay is not None:
+                    relay.close()
         report = {
             "backend": self.args.backend, "seed": self.args.seed, "duration_s": self.args.duration,
             "senders": self.args.senders, "faults_scheduled": [f.value for f in self.faults],
             "faults_applied": self.applied, "last_fault_wall": self.last_fault_wall,
             "receivers_started": self.receivers_started, "senders_killed": self.workers_killed,
-            "workers": self.worker_reports, "receivers": self.receiver_reports, "relay": relay_stats,
+            "workers": self.worker_reports, "receivers": self.receiver_reports, "relay": relay_stats, "control_relay": control_stats,
             "elapsed_s": round(time.monotonic() - t_start, 1),
         }
         report["violations"] = verdict(report)
@@ -195,7 +208,8 @@ def totals(report: dict[str, Any]) -> dict[str, Any]:
             "all_receivers_audited": len(audited) == len(report["receivers"]),
             "verified_deliveries": sum(r["stats"]["verified"] for r in audited),
             "faults_applied": len(report["faults_applied"]),
-            "bit_flips": (report.get("relay") or {}).get("flips", 0)}
+            "bit_flips": (report.get("relay") or {}).get("flips", 0),
+            "control_bit_flips": (report.get("control_relay") or {}).get("flips", 0)}
 
 
 def verdict(report: dict[str, Any]) -> list[str]:
@@ -250,6 +264,7 @@ def _print_table(report: dict[str, Any]) -> None:
         t.add_row(f"transfers {k}", str(v))
     t.add_row("deliveries verified against the pattern", str(report["totals"]["verified_deliveries"]))
     t.add_row("bits flipped in the data stream", str(report["totals"]["bit_flips"]))
+    t.add_row("bits flipped in the control stream", str(report["totals"]["control_bit_flips"]))
     t.add_row("receivers audited / started", f"{report['totals']['audited_receivers']} / {report['receivers_started']}")
     console = Console()
     console.print(t)

@@ -71,11 +71,15 @@ def run_worker(control: str, *, index: int, seed: int, backend: str, deadline_s:
             if failed and time.monotonic() - t0 < 0.05:
                 stop.wait(0.05)  # a receiver that is down refuses at once: do not spin on it
     finally:
-        budget_left = sender.budget_used
+        # A failed transfer's chunk budget may come back a moment after its future (a NIXL
+        # WRITE to a frozen peer completes later): only what close() leaves is a leak.
+        budget_before_close = sender.budget_used
         sender.close(timeout=15)
+        budget_left = sender.budget_used
     time.sleep(0.2)  # poll-ok: threads that close() joined may take a moment to unregister
     return {"index": index, "pid": os.getpid(), "transfers": n, "outcomes": dict(outcomes), "hangs": hangs,
-            "last_ok_wall": last_ok, "budget_used_after": budget_left,
+            "last_ok_wall": last_ok, "budget_used_before_close": budget_before_close,
+            "budget_used_after": budget_left,
             "threads_left": max(0, threading.active_count() - threads_before)}
 
 

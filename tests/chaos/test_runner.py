@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pdxfer.chaos import runner
+from pdxfer.chaos.faults import Fault
 from pdxfer.chaos.runner import ChaosRun, verdict
 
 
@@ -76,7 +77,8 @@ def _run(*argv: str) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_flipped_bits_fail_their_transfers_and_nothing_corrupt_is_delivered() -> None:
-    r = _run("--duration", "5", "--every", "0.5", "--faults", "corrupt", "--seed", "11", "--lease", "1")
+    r = _run("--duration", "5", "--every", "0.5", "--faults", "corrupt", "--seed", "11", "--lease", "1",
+             "--deadline", "3")
     t = r["totals"]
     assert t["bit_flips"] >= 3
     assert t["outcomes"].get("IntegrityError", 0) >= 1  # caught by pdxfer's checksums, at the receiver
@@ -90,18 +92,20 @@ def test_flipped_bits_fail_their_transfers_and_nothing_corrupt_is_delivered() ->
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_every_fault_on_tcp_leaves_no_corruption_hang_or_leak() -> None:
-    r = _run("--duration", "12", "--every", "0.8", "--faults", "all", "--seed", "4", "--lease", "1")
+    r = _run("--duration", "14", "--every", "0.7", "--faults", "all", "--seed", "4", "--lease", "1",
+             "--deadline", "3")
     applied = {e["fault"] for e in r["faults_applied"]}
-    assert applied == {"corrupt", "stall", "reset", "stop-receiver", "kill-receiver", "kill-sender"}
+    assert applied == {f.value for f in Fault}
     assert r["receivers_started"] >= 2 and r["senders_killed"] >= 1
     assert r["totals"]["outcomes"]["ok"] > 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_process_faults_on_nixl_leave_no_corruption_hang_or_leak() -> None:
+def test_process_and_control_faults_on_nixl_leave_no_corruption_hang_or_leak() -> None:
     pytest.importorskip("nixl")
-    r = _run("--backend", "nixl", "--duration", "10", "--every", "1", "--seed", "5", "--lease", "1")
+    r = _run("--backend", "nixl", "--duration", "12", "--every", "0.9", "--seed", "5", "--lease", "1",
+             "--deadline", "3")
     applied = {e["fault"] for e in r["faults_applied"]}
-    assert applied == {"stop-receiver", "kill-receiver", "kill-sender"}
+    assert applied == {f.value for f in Fault} - {"corrupt", "stall", "reset"}  # NIXL data bypasses the relay
     assert r["totals"]["outcomes"]["ok"] > 0
