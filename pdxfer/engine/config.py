@@ -30,6 +30,11 @@ class SenderConfig:
     handshake_timeout_s: float = 5.0
     heartbeat_s: float = 1.0
     peer_timeout_s: float = 5.0  # no reply at all for this long while transfers are active
+    # A RESERVE (or COMMIT) with no answer this long is sent again, then after twice as
+    # long, up to resend_max_s: a reply lost with a control connection would otherwise
+    # cost the transfer its deadline. The receiver answers a repeat where the transfer stands.
+    resend_after_s: float = 1.0
+    resend_max_s: float = 8.0
     lane_idle_s: float = 30.0  # close a peer's sockets after this long with nothing to do
     # False (default): each chunk is hashed by the lane's send loop right before its
     # bytes go out (xxhash releases the GIL; the engine's thread never hashes), which also
@@ -85,9 +90,12 @@ class SenderConfig:
 
     def __post_init__(self) -> None:
         for name in ("deadline_s", "submit_timeout_s", "handshake_timeout_s", "heartbeat_s", "peer_timeout_s",
-                     "lane_idle_s", "nixl_max_sleep_s", "restore_buffer_bytes", "restore_ahead"):
+                     "lane_idle_s", "nixl_max_sleep_s", "restore_buffer_bytes", "restore_ahead", "resend_after_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SenderConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.resend_max_s < self.resend_after_s:
+            raise ValueError(f"SenderConfig.resend_max_s ({self.resend_max_s}) must be >= resend_after_s "
+                             f"({self.resend_after_s})")
         if self.memory_budget <= 0:
             raise ValueError(f"SenderConfig.memory_budget must be > 0, got {self.memory_budget}")
         for name in ("spill_host_bytes", "spill_disk_bytes", "hash_ahead", "hash_ahead_bytes", "hash_ahead_min_bytes"):

@@ -234,6 +234,9 @@ class Lane:
         if t.state is OutState.GRANTED:  # not yet committed, not ended
             t.on(OutEvent.SEND_COMMIT)
             self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
+            ctx = self.transfers.get(t.tid)
+            if ctx is not None:
+                self._arm_resend(ctx, self.cfg.resend_after_s)
 
     async def _heartbeat_loop(self) -> Exception:
         """Heartbeats while transfers are in flight (always, on a kept lane); the peer is
@@ -296,6 +299,7 @@ class Lane:
         remaining_ms = max(1, int((ctx.deadline - self._loop.time()) * 1000))
         self.control.send(m.Reserve(cid=out.cid, tid=out.tid, total_bytes=out.payload.total_bytes,
                                     chunk_sizes=list(out.payload.chunk_sizes), deadline_ms=remaining_ms))
+        self._arm_resend(ctx, self.cfg.resend_after_s)
 
     def chunks_ready(self, ctx: OutCtx) -> None:
         if self.queue.push_ready(ctx.out):
@@ -341,6 +345,8 @@ class Lane:
 
     def _on_transfer_message(self, ctx: OutCtx, msg: m.Message) -> None:
         out = ctx.out
+        if self._answered_before(out, msg):
+            return
         if isinstance(msg, m.Queued):
             out.on(OutEvent.RECV_QUEUED)
             ctx.log.debug("queued", position=msg.position)
@@ -361,6 +367,45 @@ class Lane:
         elif isinstance(msg, m.Failed):
             self.fail(ctx, failure_error(msg, tid=out.tid, peer=self.address), notify_peer=False)
 
+    @staticmethod
+    def _answered_before(out: OutboundTransfer, msg: m.Message) -> bool:
+        """A reply to a request we sent again (`_resend`) that the first answer already
+        moved past: a QUEUED after the GRANT, or the same GRANT twice."""
+        if isinstance(msg, m.Queued):
+            return out.state in (OutState.QUEUED, OutState.GRANTED, OutState.COMMITTING)
+        if isinstance(msg, m.Grant) and out.state in (OutState.GRANTED, OutState.COMMITTING):
+            if msg.slot != out.slot:
+                raise ProtocolError(f"a second GRANT names slot {msg.slot}, the first {out.slot}",
+                                    transfer_id=out.tid)
+            return True
+        return False
+
+    def _arm_resend(self, ctx: OutCtx, after: float) -> None:
+        """Ask again if no answer comes: a reply lost with a control connection (ZMQ drops
+        what was in flight when it reconnects) or refused for a failed seal would
+        otherwise cost the transfer its whole deadline. The receiver answers a request
+        sent again where the transfer stands, so asking twice is harmless."""
+        old = ctx.extra.pop("resend", None)
+        if old is not None:
+            old.cancel()
+        left = ctx.deadline - self._loop.time()
+        if left > after:
+            ctx.extra["resend"] = self._loop.call_later(after, self._resend, ctx, after)
+
+    def _resend(self, ctx: OutCtx, after: float) -> None:
+        out = ctx.out
+        if out.terminal or self.state != "ready" or self.transfers.get(out.tid) is not ctx:
+            return
+        if out.state in (OutState.RESERVING, OutState.QUEUED):
+            remaining_ms = max(1, int((ctx.deadline - self._loop.time()) * 1000))
+            self.control.send(m.Reserve(cid=out.cid, tid=out.tid, total_bytes=out.payload.total_bytes,  # type: ignore[arg-type]
+                                        chunk_sizes=list(out.payload.chunk_sizes), deadline_ms=remaining_ms))
+        elif out.state is OutState.COMMITTING:
+            self.control.send(m.Commit(cid=out.cid, tid=out.tid, digest=out.digest()))  # type: ignore[arg-type]
+        if out.state is not OutState.GRANTED:  # while granted the data path is busy: nothing to ask
+            ctx.log.info("request_sent_again", state=out.state.value, after_s=round(after, 3))
+        self._arm_resend(ctx, min(after * 2, self.cfg.resend_max_s))
+
     def _forget(self, ctx: OutCtx) -> None:
         self.transfers.pop(ctx.out.tid, None)
         if self.data is not None and not isinstance(self.data, DataClient):
@@ -369,6 +414,9 @@ class Lane:
             self._by_cid.pop(ctx.out.cid, None)
         if ctx.timer is not None:
             ctx.timer.cancel()
+        resend = ctx.extra.pop("resend", None)
+        if resend is not None:
+            resend.cancel()
         spill_timer = ctx.extra.get("spill_timer")
         if spill_timer is not None:
             spill_timer.cancel()

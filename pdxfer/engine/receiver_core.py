@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgspec
 import structlog
 
 from pdxfer.admission import (
@@ -87,6 +88,10 @@ class ReceiverCore:
         self.handed: dict[str, Any] = {}  # tid -> ReceivedTransfer claimed by a consumer, not yet released
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.failures: OrderedDict[str, PdxferError] = OrderedDict()
+        # Answers that a retransmitted request gets again: the GRANT of each open
+        # transfer, and (bounded, like `failures`) which peer each recent DONE went to.
+        self._grants: dict[str, m.Grant] = {}
+        self._done: OrderedDict[str, str] = OrderedDict()
         self.on_transfer: Callable[[Any], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.control: ControlServer | None = None
@@ -167,6 +172,8 @@ class ReceiverCore:
 
     def _on_reserve(self, identity: bytes, key: str, msg: m.Reserve, now: float) -> None:
         payload = Payload(tuple(msg.chunk_sizes))
+        if self._answer_again(identity, key, msg, payload):
+            return
         peer = self.peers.get(key)
         res = self.admission.reserve(msg.tid, key, payload.total_bytes, now=now, deadline=now + msg.deadline_ms / 1000,
                                      one_sided=peer is not None and peer.nixl_agent is not None)
@@ -182,6 +189,29 @@ class ReceiverCore:
         else:
             self._open(res, payload)
 
+    def _answer_again(self, identity: bytes, key: str, msg: m.Reserve, payload: Payload) -> bool:
+        """A RESERVE its sender sent again (no answer reached it: a reply lost with a
+        control connection, or refused for a failed seal): answer where the transfer
+        stands -- still queued, or the same GRANT -- instead of rejecting a duplicate."""
+        view = self.admission.get(msg.tid)
+        if view is None or view.peer != key:
+            return False
+        pend = self.pending.get(msg.tid)
+        grant = self._grants.get(msg.tid)
+        slot = self._slot_of.get(msg.tid)
+        same = (pend.payload if pend is not None else
+                self.inbound[slot].payload if slot is not None and slot in self.inbound else None)
+        if same is None or same.chunk_sizes != payload.chunk_sizes:
+            return False  # delivered already, or another transfer under a reused id: a real duplicate
+        self._reply_to[msg.tid] = (identity, msg.cid)
+        if pend is not None:
+            self.pending[msg.tid] = Pending(identity, msg.cid, payload)
+            self._send(identity, m.Queued(cid=msg.cid, tid=msg.tid, position=0))
+        elif grant is not None:
+            self._send(identity, msgspec.structs.replace(grant, cid=msg.cid))
+        log.info("reserve_answered_again", transfer_id=msg.tid, peer=key, state=view.state.value)
+        return True
+
     def _open(self, grant: Grant, payload: Payload) -> None:
         slot = self._next_slot
         self._next_slot += 1
@@ -193,8 +223,9 @@ class ReceiverCore:
         addr = None
         if info is not None and info.nixl_agent is not None and self.nixl is not None:
             addr = self.nixl.granted(slot, grant.offset, payload.total_bytes)
-        self._send(identity, m.Grant(cid=cid, tid=grant.transfer_id, slot=slot, lease_ms=int(self.cfg.lease_s * 1000),
-                                     addr=addr))
+        reply = m.Grant(cid=cid, tid=grant.transfer_id, slot=slot, lease_ms=int(self.cfg.lease_s * 1000), addr=addr)
+        self._grants[grant.transfer_id] = reply
+        self._send(identity, reply)
 
     def _owner(self, tid: str) -> str | None:
         view = self.admission.get(tid)
@@ -203,7 +234,16 @@ class ReceiverCore:
     def _on_commit(self, identity: bytes, msg: m.Commit) -> None:
         slot = self._slot_of.get(msg.tid)
         t = self.inbound.get(slot) if slot is not None else None
-        if t is None or t.peer != identity.decode(errors="replace"):
+        key = identity.decode(errors="replace")
+        if t is None and self._done.get(msg.tid) == key:  # its DONE was lost: say it again
+            self._send(identity, m.Done(cid=msg.cid, tid=msg.tid))
+            return
+        if t is not None and t.peer == key and t.committed is not None:
+            if t.committed != msg.digest:
+                self._fail_transfer(t, ProtocolError("COMMIT sent again with another digest", transfer_id=t.tid,
+                                                     peer=key), "protocol")
+            return  # sent again while we wait for its last bytes: the answer comes when they land
+        if t is None or t.peer != key:
             err = self.failures.get(msg.tid)
             self._send(identity, m.Failed(cid=msg.cid, tid=msg.tid, error="aborted",
                                           detail=str(err) if err else "unknown or ended transfer"))
@@ -230,6 +270,9 @@ class ReceiverCore:
         self._drop_inbound(t.tid)
         identity, cid = self._reply_to.pop(t.tid)
         self._send(identity, m.Done(cid=cid, tid=t.tid))
+        self._done[t.tid] = t.peer
+        while len(self._done) > self.cfg.remember_failures:
+            self._done.popitem(last=False)
         received = self._make_received(t.tid, t.peer, t.payload, t.region)
         waiters = self.waiters.pop(t.tid, [])
         live = [w for w in waiters if not w.done()]
@@ -255,6 +298,7 @@ class ReceiverCore:
         self._schedule()
 
     def _drop_inbound(self, tid: str) -> None:
+        self._grants.pop(tid, None)
         slot = self._slot_of.pop(tid, None)
         if slot is not None:
             self.inbound.pop(slot, None)

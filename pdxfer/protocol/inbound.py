@@ -69,6 +69,11 @@ class InboundTransfer:
         self._digest = digest
 
     @property
+    def committed(self) -> int | None:
+        """The COMMIT's digest once one arrived (a second COMMIT is its sender retrying)."""
+        return self._digest
+
+    @property
     def ready_to_verify(self) -> bool:
         return self.state == InState.COMMIT_PENDING and self.complete
 
