@@ -19,8 +19,9 @@ class ChildProcess:
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.pid = self.proc.pid
+        self.stray: list[str] = []
         try:
-            self.info: dict[str, Any] = json.loads(self._readline(ready_timeout))
+            self.info: dict[str, Any] = self._read_json(ready_timeout)
         except BaseException:
             self.kill()
             raise
@@ -39,14 +40,28 @@ class ChildProcess:
                     raise RuntimeError(f"child {self.pid} exited with {self.proc.wait(5)} before it was ready")
                 return line
 
+    def _read_json(self, timeout: float) -> dict[str, Any]:
+        """The next line that is a JSON object: libraries the child loads (NIXL, UCX) may
+        print lines of their own to stdout, e.g. when a peer disconnects."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._readline(max(0.001, deadline - time.monotonic()))
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                self.stray = (self.stray + [line.rstrip()])[-20:]  # someone else's line: kept to show
+                continue
+            if isinstance(obj, dict):
+                return obj
+
     def stop(self, timeout: float = 15.0) -> dict[str, Any] | None:
         """Ask politely (SIGTERM), read its final JSON line, and kill if it lingers."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            final = self._readline(timeout)
+            final = self._read_json(timeout)
             self.proc.wait(timeout)
-            return json.loads(final)
+            return final
         except (TimeoutError, RuntimeError, ValueError, subprocess.TimeoutExpired):
             return None
         finally:
@@ -58,9 +73,9 @@ class ChildProcess:
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
-            final = self._readline(timeout)
+            final = self._read_json(timeout)
             self.proc.wait(timeout)
-            return json.loads(final)
+            return final
         except (TimeoutError, RuntimeError, ValueError, subprocess.TimeoutExpired, OSError):
             return None
         finally:

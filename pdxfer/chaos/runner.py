@@ -87,6 +87,7 @@ class ChaosRun:
         self.workers_killed = 0
         self.worker_reports: list[dict[str, Any] | None] = []
         self.last_fault_wall = 0.0
+        self.stray_output: dict[str, list[str]] = {}  # non-JSON lines children printed on stdout
 
     @property
     def control(self) -> str:
@@ -169,6 +170,8 @@ class ChaosRun:
             time.sleep(max(0.0, end - time.monotonic()))  # poll-ok: the quiet tail
             for i, w in enumerate(self.workers):
                 self.worker_reports.append(w.finish(STOP_TIMEOUT_S) if w is not None else None)
+                if w is not None and w.stray:
+                    self.stray_output[f"sender {i}"] = w.stray
                 self.workers[i] = None
             time.sleep(self.args.lease + 1.0)  # poll-ok: killed senders' reservations expire by lease
             assert self.receiver is not None
@@ -191,7 +194,7 @@ class ChaosRun:
             "faults_applied": self.applied, "last_fault_wall": self.last_fault_wall,
             "receivers_started": self.receivers_started, "senders_killed": self.workers_killed,
             "workers": self.worker_reports, "receivers": self.receiver_reports, "relay": relay_stats, "control_relay": control_stats,
-            "elapsed_s": round(time.monotonic() - t_start, 1),
+            "elapsed_s": round(time.monotonic() - t_start, 1), "stray_output": self.stray_output,
         }
         report["violations"] = verdict(report)
         report["totals"] = totals(report)

@@ -43,6 +43,7 @@ def run_worker(control: str, *, index: int, seed: int, backend: str, deadline_s:
     rng = random.Random(seed * 1000 + index)
     outcomes: Counter[str] = Counter()
     hangs: list[str] = []
+    first_error: dict[str, str] = {}  # what each kind of failure said, the first time
     last_ok = 0.0
     cfg = SenderConfig(backend=backend, deadline_s=deadline_s, peer_timeout_s=min(2.0, deadline_s),
                        memory_budget=4 * max_chunks * max_chunk, nixl_workers=1)
@@ -65,6 +66,7 @@ def run_worker(control: str, *, index: int, seed: int, backend: str, deadline_s:
                 last_ok, failed = time.time(), False
             except PdxferError as exc:
                 outcomes[type(exc).__name__] += 1
+                first_error.setdefault(type(exc).__name__, str(exc)[:300])
             except TimeoutError:  # concurrent.futures.TimeoutError is TimeoutError since 3.11
                 hangs.append(tid)
                 handle.abort("chaos: no outcome within the deadline")
@@ -77,7 +79,7 @@ def run_worker(control: str, *, index: int, seed: int, backend: str, deadline_s:
         sender.close(timeout=15)
         budget_left = sender.budget_used
     time.sleep(0.2)  # poll-ok: threads that close() joined may take a moment to unregister
-    return {"index": index, "pid": os.getpid(), "transfers": n, "outcomes": dict(outcomes), "hangs": hangs,
+    return {"index": index, "pid": os.getpid(), "transfers": n, "outcomes": dict(outcomes), "first_error": first_error, "hangs": hangs,
             "last_ok_wall": last_ok, "budget_used_before_close": budget_before_close,
             "budget_used_after": budget_left,
             "threads_left": max(0, threading.active_count() - threads_before)}
