@@ -296,10 +296,14 @@ class Lane:
         out.cid = next(self._cids)
         self._by_cid[out.cid] = ctx
         out.on(OutEvent.SEND_RESERVE)
-        remaining_ms = max(1, int((ctx.deadline - self._loop.time()) * 1000))
-        self.control.send(m.Reserve(cid=out.cid, tid=out.tid, total_bytes=out.payload.total_bytes,
-                                    chunk_sizes=list(out.payload.chunk_sizes), deadline_ms=remaining_ms))
+        self.control.send(self._reserve_msg(ctx))
         self._arm_resend(ctx, self.cfg.resend_after_s)
+
+    def _reserve_msg(self, ctx: OutCtx) -> m.Reserve:
+        out = ctx.out
+        remaining_ms = max(1, int((ctx.deadline - self._loop.time()) * 1000))
+        return m.Reserve(cid=out.cid, tid=out.tid, total_bytes=out.payload.total_bytes,  # type: ignore[arg-type]
+                         chunk_sizes=list(out.payload.chunk_sizes), deadline_ms=remaining_ms)
 
     def chunks_ready(self, ctx: OutCtx) -> None:
         if self.queue.push_ready(ctx.out):
@@ -397,9 +401,7 @@ class Lane:
         if out.terminal or self.state != "ready" or self.transfers.get(out.tid) is not ctx:
             return
         if out.state in (OutState.RESERVING, OutState.QUEUED):
-            remaining_ms = max(1, int((ctx.deadline - self._loop.time()) * 1000))
-            self.control.send(m.Reserve(cid=out.cid, tid=out.tid, total_bytes=out.payload.total_bytes,  # type: ignore[arg-type]
-                                        chunk_sizes=list(out.payload.chunk_sizes), deadline_ms=remaining_ms))
+            self.control.send(self._reserve_msg(ctx))  # the same cid: its answer finds this transfer
         elif out.state is OutState.COMMITTING:
             self.control.send(m.Commit(cid=out.cid, tid=out.tid, digest=out.digest()))  # type: ignore[arg-type]
         if out.state is not OutState.GRANTED:  # while granted the data path is busy: nothing to ask
