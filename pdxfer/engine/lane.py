@@ -35,6 +35,7 @@ import zmq.asyncio
 from pdxfer.errors import PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.states import OutEvent, OutState
+from pdxfer.engine.lane_resend import Resender, answered_before
 from pdxfer.engine.lane_writes import NixlWrites
 from pdxfer.engine.liveness import Liveness
 from pdxfer.engine.outctx import OutCtx, TransferResult
@@ -74,12 +75,13 @@ class Lane:
         # Spilled chunks are read back and chunks hashed there, a few ahead of the wire.
         self.out = Outgoing(cfg, self.holdings, lambda n: self.queue.peek(n), self._fail_tid, io, hash_pool)
         self._writes = NixlWrites(self._send_abort, self.out.sent)
+        self._loop = asyncio.get_running_loop()
+        self._resends = Resender(self._loop, cfg.resend_after_s, cfg.resend_max_s, self._ask_again)
         self.state = "connecting"
         self.transfers: dict[str, OutCtx] = {}
         self._by_cid: dict[int, OutCtx] = {}
         self._cids = itertools.count(1)
         self.queue = PeerQueue(self.out.drop)
-        self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._hello_cid = next(self._cids)
         # Transfers aborted before the handshake finished: the receiver has never heard of
@@ -236,7 +238,7 @@ class Lane:
             self.control.send(m.Commit(cid=t.cid, tid=t.tid, digest=t.digest()))  # type: ignore[arg-type]
             ctx = self.transfers.get(t.tid)
             if ctx is not None:
-                self._arm_resend(ctx, self.cfg.resend_after_s)
+                self._resends.arm(ctx)
 
     async def _heartbeat_loop(self) -> Exception:
         """Heartbeats while transfers are in flight (always, on a kept lane); the peer is
@@ -297,7 +299,7 @@ class Lane:
         self._by_cid[out.cid] = ctx
         out.on(OutEvent.SEND_RESERVE)
         self.control.send(self._reserve_msg(ctx))
-        self._arm_resend(ctx, self.cfg.resend_after_s)
+        self._resends.arm(ctx)
 
     def _reserve_msg(self, ctx: OutCtx) -> m.Reserve:
         out = ctx.out
@@ -349,7 +351,7 @@ class Lane:
 
     def _on_transfer_message(self, ctx: OutCtx, msg: m.Message) -> None:
         out = ctx.out
-        if self._answered_before(out, msg):
+        if answered_before(out, msg):
             return
         if isinstance(msg, m.Queued):
             out.on(OutEvent.RECV_QUEUED)
@@ -371,42 +373,16 @@ class Lane:
         elif isinstance(msg, m.Failed):
             self.fail(ctx, failure_error(msg, tid=out.tid, peer=self.address), notify_peer=False)
 
-    @staticmethod
-    def _answered_before(out: OutboundTransfer, msg: m.Message) -> bool:
-        """A reply to a request we sent again (`_resend`) that the first answer already
-        moved past: a QUEUED after the GRANT, or the same GRANT twice."""
-        if isinstance(msg, m.Queued):
-            return out.state in (OutState.QUEUED, OutState.GRANTED, OutState.COMMITTING)
-        if isinstance(msg, m.Grant) and out.state in (OutState.GRANTED, OutState.COMMITTING):
-            if msg.slot != out.slot:
-                raise ProtocolError(f"a second GRANT names slot {msg.slot}, the first {out.slot}",
-                                    transfer_id=out.tid)
-            return True
-        return False
-
-    def _arm_resend(self, ctx: OutCtx, after: float) -> None:
-        """Ask again if no answer comes: a reply lost with a control connection (ZMQ drops
-        what was in flight when it reconnects) or refused for a failed seal would
-        otherwise cost the transfer its whole deadline. The receiver answers a request
-        sent again where the transfer stands, so asking twice is harmless."""
-        old = ctx.extra.pop("resend", None)
-        if old is not None:
-            old.cancel()
-        left = ctx.deadline - self._loop.time()
-        if left > after:
-            ctx.extra["resend"] = self._loop.call_later(after, self._resend, ctx, after)
-
-    def _resend(self, ctx: OutCtx, after: float) -> None:
+    def _ask_again(self, ctx: OutCtx) -> bool:
+        """Send the request `ctx` waits on again (lane_resend); False once it waits on none."""
         out = ctx.out
         if out.terminal or self.state != "ready" or self.transfers.get(out.tid) is not ctx:
-            return
+            return False
         if out.state in (OutState.RESERVING, OutState.QUEUED):
             self.control.send(self._reserve_msg(ctx))  # the same cid: its answer finds this transfer
         elif out.state is OutState.COMMITTING:
             self.control.send(m.Commit(cid=out.cid, tid=out.tid, digest=out.digest()))  # type: ignore[arg-type]
-        if out.state is not OutState.GRANTED:  # while granted the data path is busy: nothing to ask
-            ctx.log.info("request_sent_again", state=out.state.value, after_s=round(after, 3))
-        self._arm_resend(ctx, min(after * 2, self.cfg.resend_max_s))
+        return True
 
     def _forget(self, ctx: OutCtx) -> None:
         self.transfers.pop(ctx.out.tid, None)
@@ -416,9 +392,7 @@ class Lane:
             self._by_cid.pop(ctx.out.cid, None)
         if ctx.timer is not None:
             ctx.timer.cancel()
-        resend = ctx.extra.pop("resend", None)
-        if resend is not None:
-            resend.cancel()
+        self._resends.cancel(ctx)
         spill_timer = ctx.extra.get("spill_timer")
         if spill_timer is not None:
             spill_timer.cancel()
