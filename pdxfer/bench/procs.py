@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,13 @@ class ChildProcess:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now, for a child that must bind a known one (and rebind it after a restart)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def receiver_argv(*extra: str) -> list[str]:

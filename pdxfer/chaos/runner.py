@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
-from pdxfer.bench.procs import ChildProcess, receiver_argv
+from pdxfer.bench.procs import ChildProcess, free_port, receiver_argv
 from pdxfer.chaos.faults import CONTROL_FAULTS, DATA_FAULTS, Event, Fault, parse_faults, schedule
 from pdxfer.chaos.worker import HANG_GRACE_S
 from pdxfer.units import parse_size
@@ -58,12 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ChaosRun:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -76,7 +69,7 @@ class ChaosRun:
             raise ValueError("--senders, --duration, --deadline and --lease must be > 0")
         self.faults = faults
         self.events = schedule(args.seed, args.duration, faults, args.every, senders=args.senders)
-        self.control_port, self.data_port = _free_port(), _free_port()
+        self.control_port, self.data_port = free_port(), free_port()
         self.relay: Any = None  # TCP data connections
         self.control_relay: Any = None  # ZMQ control connections; senders dial it as the receiver
         self.receiver: ChildProcess | None = None

@@ -69,6 +69,13 @@ class Pending:
     payload: Payload
 
 
+def _keep_recent(recent: OrderedDict, key: str, value: Any, limit: int) -> None:
+    """Remember `key` among the last `limit` outcomes (late waiters, repeated requests)."""
+    recent[key] = value
+    while len(recent) > limit:
+        recent.popitem(last=False)
+
+
 class ReceiverCore:
     def __init__(self, cfg: ReceiverConfig, region: ReceiveRegion, make_received: Callable[..., Any]) -> None:
         self.cfg = cfg
@@ -270,9 +277,7 @@ class ReceiverCore:
         self._drop_inbound(t.tid)
         identity, cid = self._reply_to.pop(t.tid)
         self._send(identity, m.Done(cid=cid, tid=t.tid))
-        self._done[t.tid] = t.peer
-        while len(self._done) > self.cfg.remember_failures:
-            self._done.popitem(last=False)
+        _keep_recent(self._done, t.tid, t.peer, self.cfg.remember_failures)
         received = self._make_received(t.tid, t.peer, t.payload, t.region)
         waiters = self.waiters.pop(t.tid, [])
         live = [w for w in waiters if not w.done()]
@@ -306,9 +311,7 @@ class ReceiverCore:
                 self.nixl.ended(slot)
 
     def _remember(self, tid: str, exc: PdxferError) -> None:
-        self.failures[tid] = exc
-        while len(self.failures) > self.cfg.remember_failures:
-            self.failures.popitem(last=False)
+        _keep_recent(self.failures, tid, exc, self.cfg.remember_failures)
         for w in self.waiters.pop(tid, []):
             if not w.done():
                 w.set_exception(exc)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import structlog
 
+from pdxfer.bench.procs import free_port
 from pdxfer.errors import PeerLost
 from pdxfer.layout.payload import Payload
 from pdxfer.protocol import frames as f
@@ -134,7 +135,7 @@ def test_receiver_restarted_on_the_same_address_is_told_apart_from_the_old_one(r
     every RESERVE with "send HELLO first", and each transfer waited out its deadline. Now
     the first transfer fails at once with PeerLost naming why, and the next one runs on
     a fresh lane that says HELLO to the new receiver."""
-    port = str(_free_port())
+    port = str(free_port())
     rx = receiver_proc("--capacity", str(16 << 20), "--control-port", port)
     s = make_sender(backend=backend)  # an idle lane sends no heartbeats: nothing else notices
     payload = Payload.uniform(1 << 20, 256 << 10)
@@ -156,12 +157,6 @@ def test_receiver_restarted_on_the_same_address_is_told_apart_from_the_old_one(r
         assert backend == "tcp" or "no longer knows this sender" in str(exc), exc
     transfer("second-after")
     assert s.budget_used == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_malformed_truncated_and_oversized_frames_drop_only_that_connection(make_receiver, make_sender):
