@@ -42,6 +42,7 @@ from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.transport.nixl_agent import NixlAgent
 from pdxfer.transport.nixl_progress import NixlProgress
 from pdxfer.transport.nixl_regcache import buffer_address
+from pdxfer.transport.prefault import populate
 
 
 def serve(size: int, device: str = "cpu") -> None:
@@ -53,6 +54,7 @@ def serve(size: int, device: str = "cpu") -> None:
         region = host_memory(size)  # the same kind of memory as pdxfer's receive region
         view: Any = memoryview(region)
         addr, mem = buffer_address(view), ("DRAM", 0)
+        populate(addr, size)  # faulted in before any measured WRITE, as pdxfer's receiver prefaults its region
     else:
         import torch
 

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host:port senders dial for TCP data, if not the listening address (NAT, a relay)")
     p.add_argument("--nixl-spin-us", type=float, default=None, help="NIXL progress: back-to-back polling after an event")
     p.add_argument("--nixl-max-sleep-us", type=float, default=None, help="NIXL progress: longest backoff sleep")
+    p.add_argument("--nixl-eager", action="store_true",
+                   help="set NIXL up as the receiver starts, not at the first NIXL HELLO (ReceiverConfig.nixl_eager)")
     p.add_argument("--nixl-nice", type=int, default=None,
                    help="NIXL progress thread: nice steps below the receiver's loop (ReceiverConfig.nixl_nice)")
 
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         nixl_tuning["nixl_max_sleep_s"] = args.nixl_max_sleep_us / 1e6
     if args.nixl_nice is not None:
         nixl_tuning["nixl_nice"] = args.nixl_nice
+    if args.nixl_eager:
+        nixl_tuning["nixl_eager"] = True
     if args.recv_piece is not None:
         nixl_tuning["recv_piece_bytes"] = args.recv_piece
     try:

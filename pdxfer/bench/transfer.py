@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"UCX_TLS={ucx_tls} UCX_NET_DEVICES={os.environ.get('UCX_NET_DEVICES', '')}")
     buf: Any = np.random.default_rng(0).integers(0, 255, tsize, dtype=np.uint8)
     rx_args = ["--capacity", str(capacity)]
+    if args.backend == "nixl":
+        rx_args.append("--nixl-eager")  # its region is prefaulted while the baseline's target is set up
     if gpu:
         import torch
 

@@ -93,6 +93,8 @@ class ChaosRun:
                              "--verify-pattern", "--backends", self.args.backend)
         if self.relay is not None:
             argv += ["--advertise-data", self.relay.address]
+        if self.args.backend == "nixl":
+            argv.append("--nixl-eager")  # a restarted receiver meets its reconnecting senders ready
         deadline = time.monotonic() + timeout
         while True:  # a killed receiver's ports can take a moment to be free again
             try:

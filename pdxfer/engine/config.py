@@ -133,6 +133,12 @@ class ReceiverConfig:
     backends: tuple[str, ...] = BACKENDS
     ucx: dict[str, str] = field(default_factory=dict, hash=False)  # as SenderConfig.ucx
     nixl_setup_timeout_s: float = 30.0  # first NIXL HELLO: agent creation + region registration
+    # True: create the NIXL agent and register the region as the receiver starts (in the
+    # background; the receiver serves at once) instead of at the first NIXL HELLO. A
+    # receiver that restarts then meets its reconnecting senders ready, rather than making
+    # each wait seconds for nixl's import and agent (seen under load: the first transfer
+    # after a restart missed a 3 s deadline), and a host region's prefault starts early.
+    nixl_eager: bool = False
     nixl_spin_s: float = 0.0
     nixl_max_sleep_s: float = 1e-3
     nixl_nice: int = 10  # the progress thread (it hashes landed chunks), as SenderConfig.nixl_nice

@@ -136,6 +136,8 @@ class Receiver:
             bind = f"tcp://{host_part}:0"
         core.control = ControlServer(self._zctx, bind, core.on_control)
         core.control.start()
+        if self.config.nixl_eager and core.nixl is not None:
+            core.nixl.begin_setup()  # in a worker thread; a failure is logged, and a HELLO tries again
         self.control_address = core.control.address
         log.info("receiver_started", control=self.control_address, data=self.data_address,
                  capacity=self.config.capacity)

@@ -65,28 +65,55 @@ class NixlInbound:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _hello_after_setup(self, identity: bytes, key: str, msg: m.Hello, accept: Accept) -> None:
-        cfg = self.core.cfg
+    def begin_setup(self) -> "asyncio.Future[NixlRecvSide]":
+        """Create the agent and register the region in a worker thread, once (again after a
+        failure); the side is installed the moment it exists. A HELLO waits for this;
+        `ReceiverConfig.nixl_eager` starts it with the receiver instead, so the first NIXL
+        HELLO (say, right after a restart, when every sender reconnects at once) does not
+        pay for importing nixl and creating the agent, and a host region's prefault
+        starts before the first WRITE lands."""
         if self._setup is None:
-            self._setup = self.core.loop.run_in_executor(None, self._make_side)
-        fut = self._setup
-        try:
-            side = await asyncio.wait_for(asyncio.shield(fut), cfg.nixl_setup_timeout_s)
-        except Exception as exc:
-            if self._setup is fut and fut.done():
+            fut = self.core.loop.run_in_executor(None, self._make_side)
+            fut.add_done_callback(self._setup_done)
+            self._setup = fut
+        return self._setup
+
+    def _setup_done(self, fut: "asyncio.Future[NixlRecvSide]") -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if self._setup is fut:
                 self._setup = None  # a later HELLO tries again
             self.unavailable = str(exc) or type(exc).__name__
-            log.error("nixl_setup_failed", peer=key, error=self.unavailable)
-            self.core._send(identity, m.Error(cid=msg.cid, error="nixl_unavailable", detail=self.unavailable))
+            log.error("nixl_setup_failed", error=self.unavailable)
             return
-        if self.side is None:
+        side = fut.result()
+        if self.side is None and self._setup is fut:  # not closed meanwhile
             self.side = side
+            self.unavailable = ""
             if self.early is None:
                 side.start(self.core.loop, self.on_notifs)
             else:
                 side.start(self.core.loop, self.on_prepared, self.early)
             log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulting=side.prefault is not None,
                      ucx_tls=side.agent.ucx_env.get("UCX_TLS"))
+
+    async def _hello_after_setup(self, identity: bytes, key: str, msg: m.Hello, accept: Accept) -> None:
+        timeout = self.core.cfg.nixl_setup_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(self.begin_setup()), timeout)
+        except Exception as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                self.unavailable = f"NIXL agent setup took longer than nixl_setup_timeout_s={timeout}s"
+            else:
+                self.unavailable = str(exc) or type(exc).__name__  # _setup_done logged it
+            log.error("nixl_hello_refused", peer=key, error=self.unavailable)
+            self.core._send(identity, m.Error(cid=msg.cid, error="nixl_unavailable", detail=self.unavailable))
+            return
+        if self.side is None:  # closed while this HELLO waited
+            self.core._send(identity, m.Error(cid=msg.cid, error="nixl_unavailable", detail="receiver closing"))
+            return
         self._accept(key, msg, accept)
 
     def _make_side(self) -> NixlRecvSide:
