@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Iterator
 import pytest
 import zmq
 
-from pdxfer.bench.procs import ChildProcess
+from pdxfer.bench.procs import ChildProcess, free_port
 from pdxfer.plugins.vllm.sidechannel import side_request
 
 _SERVER = """
@@ -36,12 +35,6 @@ srv.close()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def zctx() -> Iterator[zmq.Context]:
     ctx = zmq.Context()
@@ -51,7 +44,7 @@ def zctx() -> Iterator[zmq.Context]:
 
 @pytest.fixture
 def server() -> Iterator[ChildProcess]:
-    port = _free_port()
+    port = free_port()
     p = ChildProcess([sys.executable, "-c", _SERVER, str(port)])
     try:
         yield p
@@ -77,7 +70,7 @@ def test_slow_answer_is_bounded_by_the_answer_timeout(zctx, server):
 def test_nothing_listening_is_refused_at_once(zctx):
     t0 = time.monotonic()
     with pytest.raises(ConnectionRefusedError, match="refused"):
-        side_request(zctx, "127.0.0.1", _free_port(), {"n": 1}, 30.0, 60.0)
+        side_request(zctx, "127.0.0.1", free_port(), {"n": 1}, 30.0, 60.0)
     assert time.monotonic() - t0 < 30  # not the alive timeout: the refusal itself
 
 
