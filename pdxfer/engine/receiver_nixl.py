@@ -89,15 +89,16 @@ class NixlInbound:
             log.error("nixl_setup_failed", error=self.unavailable)
             return
         side = fut.result()
-        if self.side is None and self._setup is fut:  # not closed meanwhile
-            self.side = side
-            self.unavailable = ""
-            if self.early is None:
-                side.start(self.core.loop, self.on_notifs)
-            else:
-                side.start(self.core.loop, self.on_prepared, self.early)
-            log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulting=side.prefault is not None,
-                     ucx_tls=side.agent.ucx_env.get("UCX_TLS"))
+        if self._setup is not fut:  # close() ran meanwhile (it waits for a running setup and closes its side)
+            return
+        self.side = side
+        self.unavailable = ""
+        if self.early is None:
+            side.start(self.core.loop, self.on_notifs)
+        else:
+            side.start(self.core.loop, self.on_prepared, self.early)
+        log.info("nixl_ready", agent=side.name, region_bytes=side.nbytes, prefaulting=side.prefault is not None,
+                 ucx_tls=side.agent.ucx_env.get("UCX_TLS"))
 
     async def _hello_after_setup(self, identity: bytes, key: str, msg: m.Hello, accept: Accept) -> None:
         timeout = self.core.cfg.nixl_setup_timeout_s
