@@ -9,6 +9,11 @@ Baselines: `--backend tcp` against blocking `sendall`/`recv_into` on raw sockets
 process and a bare target process (`nixlraw`), with the same UCX settings (the UCX_TLS
 in use is printed with the results).
 
+Every row also gives the CPU time both ends spent per GiB, and how many of the host's
+cores they kept busy, for pdxfer and for each baseline (`cputime`): on a host where both
+ends share two cores, a path that hashes every byte at both ends can be CPU-bound where
+the raw copy is not, and only these columns tell that apart from a slow engine.
+
 `--verified-baseline` adds a third run to each pair: the same raw loop, but hashing every
 chunk on both ends and comparing, as any transfer that verifies its bytes must. The
 ratio to it (`ratio_vs_verified`) separates what pdxfer's engine costs from what
@@ -36,7 +41,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from pdxfer.bench import rawsock
+from pdxfer.bench import cputime, rawsock
 from pdxfer.bench.procs import ChildProcess, receiver_argv
 from pdxfer.engine import Sender, SenderConfig
 from pdxfer.layout.payload import Payload
@@ -90,6 +95,28 @@ def _pdxfer_run(sender: Sender, peer: str, buf: Any, chunk: int, total: int, con
     return time.perf_counter() - t0
 
 
+def _cpu_table(rows: list[dict[str, Any]], cpus: int) -> Table:
+    """CPU ms per GiB at each end and cores kept busy, per run kind (medians)."""
+    kinds = [k for k in ("pdxfer", "baseline", "verified_baseline") if rows and k in rows[0]["cpu"]]
+    table = Table(title=f"CPU ms per GiB at the sending (tx) and receiving (rx) end, and cores busy "
+                        f"(of the {cpus} both ends share); pdx: pdxfer, raw: baseline, ver: verified baseline")
+    short = {"pdxfer": "pdx", "baseline": "raw", "verified_baseline": "ver"}
+    for col in ["chunk", "conc", *[f"{short[k]} {what}" for k in kinds for what in ("tx", "rx", "cores")]]:
+        table.add_column(col, justify="right")
+
+    def cell(v: float | None, fmt: str) -> str:
+        return "?" if v is None else format(v, fmt)
+
+    for r in rows:
+        cells = [format_size(r["chunk_size"]), str(r["concurrency"])]
+        for k in kinds:
+            c = r["cpu"][k]
+            cells += [cell(c["sender_ms_per_gib"], ".0f"), cell(c["receiver_ms_per_gib"], ".0f"),
+                      cell(None if c["busy"] is None else c["busy"] * cpus, ".2f")]
+        table.add_row(*cells)
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     chunks = args.chunk_sizes or [parse_size(s) for s in ("256KiB", "2MiB", "16MiB")]
     concs = args.concurrencies or [1, 4]
@@ -134,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         return rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc, verify=verify)
 
     verified = args.verified_baseline
+    cpus = os.cpu_count() or 1
 
     rows = []
     try:
@@ -164,14 +192,19 @@ def run(args: argparse.Namespace) -> int:
                     baseline(tsize, chunk, 1)
                     if verified:
                         baseline(tsize, chunk, 1, verify=True)
-                    b_rates, v_rates, p_rates = [], [], []
+                    assert base is not None
+                    b_runs: list[cputime.Measured] = []
+                    v_runs: list[cputime.Measured] = []
+                    p_runs: list[cputime.Measured] = []
                     for _ in range(args.pairs):
                         prog.update(task, description=f"{args.backend} chunk={format_size(chunk)} conc={conc}")
-                        b_rates.append(total / baseline(total, chunk, conc) / 1e9)
+                        b_runs.append(cputime.measure(lambda: baseline(total, chunk, conc), base.pid))
                         if verified:
-                            v_rates.append(total / baseline(total, chunk, conc, verify=True) / 1e9)
-                        p_rates.append(total / _pdxfer_run(sender, rx.info["control"], buf, chunk, total, conc) / 1e9)
+                            v_runs.append(cputime.measure(lambda: baseline(total, chunk, conc, verify=True), base.pid))
+                        p_runs.append(cputime.measure(
+                            lambda: _pdxfer_run(sender, rx.info["control"], buf, chunk, total, conc), rx.pid))
                         prog.advance(task)
+                    b_rates, v_rates, p_rates = ([total / r.seconds / 1e9 for r in runs] for runs in (b_runs, v_runs, p_runs))
                     ratios = [p / b for p, b in zip(p_rates, b_rates)]
                     row = {
                         "backend": args.backend, "device": args.device, "chunk_size": chunk, "total_bytes": total, "concurrency": conc,
@@ -179,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
                         "baseline_gbps": round(statistics.median(b_rates), 3), "ratio": round(statistics.median(ratios), 3),
                         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "pairs": args.pairs,
                         "registered_source": bool(args.register and args.backend == "nixl"),  # TCP registers nothing
+                        "host_cpus": cpus,  # both ends share them: see pdxfer.bench.cputime
+                        "cpu": {"pdxfer": cputime.summary(p_runs, total, cpus),
+                                "baseline": cputime.summary(b_runs, total, cpus)},
                     }
                     if writer is not None:  # NIXL: the target span the baseline's WRITEs cycled over
                         row["baseline_landing_bytes"] = tsize * conc
@@ -192,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
                             "ratio_vs_verified_min": round(min(v_ratios), 3),
                             "ratio_vs_verified_max": round(max(v_ratios), 3),
                         })
+                        row["cpu"]["verified_baseline"] = cputime.summary(v_runs, total, cpus)
                     rows.append(row)
                     if args.json:
                         print(json.dumps(rows[-1]), flush=True)
@@ -230,4 +267,5 @@ def run(args: argparse.Namespace) -> int:
                           f"{r['ratio_vs_verified_min']:.2f}–{r['ratio_vs_verified_max']:.2f}"]
             table.add_row(*cells)
         Console().print(table)
+        Console().print(_cpu_table(rows, cpus))
     return 0

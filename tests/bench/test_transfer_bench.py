@@ -50,6 +50,11 @@ def test_bench_transfer_json(backend, register):
         assert r["verified_baseline"] == r["baseline"] + "_verified"
         assert r["verified_writers"] == (2 if backend == "nixl" else 1)  # one per NIXL worker (default 2)
         assert r["registered_source"] is register
+        assert r["host_cpus"] >= 1
+        for kind in ("pdxfer", "baseline", "verified_baseline"):  # CPU of both ends, per run kind
+            cpu = r["cpu"][kind]
+            assert cpu["sender_ms_per_gib"] > 0 and cpu["receiver_ms_per_gib"] > 0, (kind, cpu)
+            assert 0 < cpu["busy"] <= 1.05, (kind, cpu)  # a share of the host's cores (tick rounding)
         if backend == "nixl":  # the baseline lands `concurrency` transfers side by side
             assert r["baseline_landing_bytes"] == r["concurrency"] * (4 << 20)
 

@@ -1,0 +1,87 @@
+"""CPU time a bench run cost, on both ends, so a ratio can be read against the cores it had.
+
+Why: on a small host both ends of a loopback transfer share the same cores, and a path
+that checks every byte (a hash on each end) can be CPU-bound where the raw copy it is
+compared with is not. Wall-clock throughput alone cannot tell "the engine is slow" from
+"the engine does more work than the baseline on cores that are all busy"; CPU time per
+GiB of both processes, measured around the same runs, can.
+
+Own process: `time.process_time()` (every thread, including ones that exited during the
+run, e.g. the verified baseline's writer threads). Another process: the sum of its
+threads' run time from `/proc/<pid>/task/*/schedstat` (nanoseconds; Linux), falling back
+to `/proc/<pid>/stat` ticks. Threads of a child that exit within a run are not counted;
+the bench's children (receiver, raw target) keep theirs for their whole life.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from typing import Callable, NamedTuple
+
+
+def process_cpu_s(pid: int | None = None) -> float | None:
+    """CPU seconds (user + system, all threads) used so far by `pid` (None: this process);
+    None where the platform does not say (no /proc, or the process is gone)."""
+    if pid is None or pid == os.getpid():
+        return time.process_time()
+    total, found = 0, False
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as fh:
+                total += int(fh.read().split()[0])
+            found = True
+        except (OSError, ValueError, IndexError):  # a thread that exited between glob and open
+            continue
+    if found:
+        return total / 1e9
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Measured(NamedTuple):
+    seconds: float  # what the run itself reported (its own wall clock)
+    own_cpu_s: float | None  # this process (the sending end)
+    peer_cpu_s: float | None  # the child at the other end
+
+
+def measure(run: Callable[[], float], peer_pid: int) -> Measured:
+    """Run `run` (which returns its own elapsed seconds) and the CPU both ends used meanwhile."""
+    own0, peer0 = process_cpu_s(), process_cpu_s(peer_pid)
+    seconds = run()
+    own1, peer1 = process_cpu_s(), process_cpu_s(peer_pid)
+    return Measured(seconds,
+                    own1 - own0 if own0 is not None and own1 is not None else None,
+                    peer1 - peer0 if peer0 is not None and peer1 is not None else None)
+
+
+def ms_per_gib(cpu_s: list[float | None], nbytes: int) -> float | None:
+    """Median CPU milliseconds per GiB moved over runs of `nbytes` each; None if unknown."""
+    known = sorted(c for c in cpu_s if c is not None)
+    if not known or nbytes <= 0:
+        return None
+    mid = len(known) // 2
+    med = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+    return round(med * 1000 / (nbytes / (1 << 30)), 1)
+
+
+def busy(runs: list[Measured], cpus: int) -> float | None:
+    """Median share of the host's `cpus` that both ends kept busy during a run."""
+    shares = sorted((r.own_cpu_s + r.peer_cpu_s) / (r.seconds * cpus) for r in runs
+                    if r.own_cpu_s is not None and r.peer_cpu_s is not None and r.seconds > 0)
+    if not shares:
+        return None
+    mid = len(shares) // 2
+    return round(shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2, 3)
+
+
+def summary(runs: list[Measured], nbytes: int, cpus: int) -> dict[str, float | None]:
+    """Per-run-kind figures for a bench row: CPU ms per GiB at each end, and cores busy."""
+    return {"sender_ms_per_gib": ms_per_gib([r.own_cpu_s for r in runs], nbytes),
+            "receiver_ms_per_gib": ms_per_gib([r.peer_cpu_s for r in runs], nbytes),
+            "busy": busy(runs, cpus)}

@@ -1,0 +1,62 @@
+"""CPU accounting of bench runs: it must see work done by another process's threads and
+by this process's short-lived threads, and say "unknown" rather than guess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pdxfer.bench import cputime
+
+_SPIN = "import sys,time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass\nprint('done', flush=True)\nsys.stdin.read()"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_measure_counts_a_busy_child_and_an_idle_one():
+    child = subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        def wait_for_spin() -> float:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "done"
+            return 0.3
+
+        busy = cputime.measure(wait_for_spin, child.pid)
+        assert busy.peer_cpu_s is not None and busy.peer_cpu_s >= 0.25  # the child burned >= 0.3 s itself
+        idle = cputime.measure(lambda: (time.sleep(0.2), 0.2)[1], child.pid)
+        assert idle.peer_cpu_s is not None and idle.peer_cpu_s < 0.1  # blocked on stdin: no CPU
+        assert idle.own_cpu_s is not None and idle.own_cpu_s < 0.1
+    finally:
+        child.kill()
+        child.wait(10)
+    assert cputime.process_cpu_s(child.pid) is None  # gone: unknown, not zero
+
+
+def test_own_cpu_includes_threads_that_exited():
+    def spin() -> None:
+        t = time.thread_time()
+        while time.thread_time() - t < 0.2:
+            pass
+
+    def run() -> float:
+        th = threading.Thread(target=spin)
+        th.start()
+        th.join(10)
+        return 0.2
+
+    m = cputime.measure(run, -1)  # no such peer: its figure is unknown
+    assert m.own_cpu_s is not None and m.own_cpu_s >= 0.18
+    assert m.peer_cpu_s is None
+
+
+def test_summary_medians_and_unknowns():
+    runs = [cputime.Measured(1.0, 0.5, 0.25), cputime.Measured(1.0, 1.5, 0.75), cputime.Measured(2.0, None, 1.0)]
+    s = cputime.summary(runs, 1 << 30, cpus=2)
+    assert s["sender_ms_per_gib"] == 1000.0  # median of 500 and 1500 (the unknown one is left out)
+    assert s["receiver_ms_per_gib"] == 750.0
+    assert s["busy"] == pytest.approx(0.75)  # (0.375 + 1.125) / 2 over the two fully known runs
+    assert cputime.summary([], 1 << 30, cpus=2) == {"sender_ms_per_gib": None, "receiver_ms_per_gib": None,
+                                                   "busy": None}
