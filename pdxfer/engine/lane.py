@@ -35,6 +35,8 @@ import zmq.asyncio
 from pdxfer.errors import PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.states import OutEvent, OutState
+from pdxfer.engine.heartbeat import heartbeat
+from pdxfer.engine.lane_data import nixl_side, open_data
 from pdxfer.engine.lane_resend import Resender, answered_before
 from pdxfer.engine.lane_writes import NixlWrites
 from pdxfer.engine.liveness import Liveness
@@ -55,8 +57,9 @@ log = structlog.get_logger("pdxfer.sender")
 
 # The send loop hands the event loop back at least this often. A chunk whose hash runs on
 # the loop (the default) and whose send never has to wait (NIXL posts return at once; a
-# TCP socket with room takes the whole chunk) never suspends the loop: without this, one large transfer held the loop for its whole length (32 × 2 MiB: 12 ms
-# measured; 1 GiB would be ~150 ms), delaying every other lane's GRANTs and DONEs, the
+# TCP socket with room takes the whole chunk) never suspends the loop: without this, one
+# large transfer held the loop for its whole length (32 × 2 MiB: 12 ms measured; 1 GiB
+# would be ~150 ms), delaying every other lane's GRANTs and DONEs, the
 # heartbeats, and the WRITE completions that give budget back to put().
 YIELD_AFTER_S = 1e-3
 YIELD_AFTER_CHUNKS = 64
@@ -113,7 +116,10 @@ class Lane:
         try:
             await self._connect()
             sender = self._loop.create_task(self._send_loop())
-            beat = self._loop.create_task(self._heartbeat_loop())
+            beat = self._loop.create_task(heartbeat(
+                self._liveness, period_s=self.cfg.heartbeat_s, peer=self.address, clock=self._loop.time,
+                busy=lambda: bool(self.transfers) or self.keep, drain=self.control.drain,
+                send=lambda: self.control.send(m.Heartbeat(cid=next(self._cids)))))
             assert self.data is not None
             try:
                 done, _ = await asyncio.wait({sender, beat, self.data.closed, self._forgotten},
@@ -134,15 +140,7 @@ class Lane:
         await self._close(err)
 
     async def _connect(self) -> None:
-        nixl = None
-        if self.backend == "nixl":
-            if self._nixl_side is None:
-                raise ProtocolError("lane has backend nixl but no NIXL side", peer=self.address)
-            try:  # first use in this Sender creates the agent (bounded: it runs off the loop)
-                nixl = await asyncio.wait_for(self._nixl_side(), self.cfg.handshake_timeout_s + 30)
-            except asyncio.TimeoutError:
-                raise TransferTimeout("NIXL agent not created in time", peer=self.address,
-                                      waiting_for="nixl_agent") from None
+        nixl = await nixl_side(self._nixl_side, self.cfg, self.address) if self.backend == "nixl" else None
         self.control.send(m.Hello(cid=self._hello_cid, sender_id=self.cfg.sender_id,
                                   capabilities=[self.backend], token=self.cfg.token,
                                   nixl_agent=nixl.name if nixl is not None else None,
@@ -156,15 +154,7 @@ class Lane:
         if refused is not None:
             raise refused
         self.out.algorithm = ok.checksum  # every chunk of this lane is checksummed the receiver's way
-        if nixl is not None:
-            from pdxfer.transport.nixl import NixlDataClient
-
-            remote = await nixl.connect(ok.nixl_md, timeout=self.cfg.handshake_timeout_s, peer=self.address)
-            self.data = NixlDataClient(nixl, remote, self.address, (ok.nixl_mem, ok.nixl_dev))
-        else:
-            host, _, port = ok.data_address.rpartition(":")
-            self.data = await DataClient.connect(host.strip("[]"), int(port), ok.conn_token,
-                                                 timeout=self.cfg.handshake_timeout_s, peer=self.address)
+        self.data = await open_data(ok, nixl, self.cfg, self.address)
         self.state = "ready"
         if not self.ready.done():
             self.ready.set_result(None)
@@ -239,28 +229,6 @@ class Lane:
             ctx = self.transfers.get(t.tid)
             if ctx is not None:
                 self._resends.arm(ctx)
-
-    async def _heartbeat_loop(self) -> Exception:
-        """Heartbeats while transfers are in flight (always, on a kept lane); the peer is
-        lost by `Liveness`'s rule."""
-        alive = self._liveness
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_s)
-            now = self._loop.time()
-            if not self.transfers and not self.keep:
-                alive.idle()
-                continue
-            waited = alive.overdue(now)
-            if waited is not None and self.control.drain():
-                # The answer was waiting unread: uvloop runs due timers before it polls
-                # for I/O, so after a stall of ours this check can run first.
-                log.info("lane_reply_was_unread", peer=self.address, waited_s=round(waited, 3))
-                waited = alive.overdue(now)
-            if waited is not None:
-                return PeerLost(f"no reply from the receiver for {waited:.2f}s after a heartbeat "
-                                f"(> {self.cfg.peer_timeout_s}s)", peer=self.address, waiting_for="heartbeat_ack")
-            self.control.send(m.Heartbeat(cid=next(self._cids)))
-            alive.sent(now)
 
     async def _close(self, err: Exception | None) -> None:
         self.state = "dead"
