@@ -17,7 +17,6 @@ import asyncio
 import hmac
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
@@ -28,53 +27,16 @@ from pdxfer.admission import (
 )
 from pdxfer.engine.config import ReceiverConfig
 from pdxfer.engine.receiver_nixl import NixlInbound
+from pdxfer.engine.receiver_records import END_ERRORS, Pending, PeerInfo, keep_recent
 from pdxfer.engine.region import ReceiveRegion
 from pdxfer.engine.receiver_tcp import TcpInbound
-from pdxfer.errors import (
-    IntegrityError, LeaseExpired, PdxferError, PeerLost, ProtocolError, TransferAborted, TransferTimeout,
-)
+from pdxfer.errors import IntegrityError, PdxferError, ProtocolError, TransferAborted
 from pdxfer.layout.payload import Payload
 from pdxfer.protocol import messages as m
 from pdxfer.protocol.inbound import InboundTransfer
 from pdxfer.transport.control import ControlServer
-from pdxfer.transport.tcp import DataServerProtocol
 
 log = structlog.get_logger("pdxfer.receiver")
-
-_END_ERRORS: dict[EndReason, tuple[type[PdxferError], str]] = {
-    EndReason.LEASE_EXPIRED: (LeaseExpired, "lease_expired"),
-    EndReason.DEADLINE: (TransferTimeout, "deadline"),
-    EndReason.QUEUE_TIMEOUT: (TransferTimeout, "queue_timeout"),
-    EndReason.PEER_LOST: (PeerLost, "peer_lost"),
-    EndReason.ABORTED: (TransferAborted, "aborted"),
-    EndReason.SHUTDOWN: (TransferAborted, "shutdown"),
-    EndReason.CLAIM_TIMEOUT: (TransferTimeout, "claim_timeout"),
-}
-
-
-@dataclass
-class PeerInfo:
-    sender_id: str
-    identity: bytes
-    conn_token: int
-    conn: DataServerProtocol | None = None
-    nixl_agent: str | None = None  # set for peers that move data with NIXL
-    last_seen: float = 0.0
-
-
-@dataclass
-class Pending:
-    identity: bytes
-    cid: int
-    payload: Payload
-
-
-def _keep_recent(recent: OrderedDict, key: str, value: Any, limit: int) -> None:
-    """Remember `key` among the last `limit` outcomes (late waiters, repeated requests)."""
-    recent[key] = value
-    while len(recent) > limit:
-        recent.popitem(last=False)
-
 
 class ReceiverCore:
     def __init__(self, cfg: ReceiverConfig, region: ReceiveRegion, make_received: Callable[..., Any]) -> None:
@@ -277,7 +239,7 @@ class ReceiverCore:
         self._drop_inbound(t.tid)
         identity, cid = self._reply_to.pop(t.tid)
         self._send(identity, m.Done(cid=cid, tid=t.tid))
-        _keep_recent(self._done, t.tid, t.peer, self.cfg.remember_failures)
+        keep_recent(self._done, t.tid, t.peer, self.cfg.remember_failures)
         received = self._make_received(t.tid, t.peer, t.payload, t.region)
         waiters = self.waiters.pop(t.tid, [])
         live = [w for w in waiters if not w.done()]
@@ -311,7 +273,7 @@ class ReceiverCore:
                 self.nixl.ended(slot)
 
     def _remember(self, tid: str, exc: PdxferError) -> None:
-        _keep_recent(self.failures, tid, exc, self.cfg.remember_failures)
+        keep_recent(self.failures, tid, exc, self.cfg.remember_failures)
         for w in self.waiters.pop(tid, []):
             if not w.done():
                 w.set_exception(exc)
@@ -338,7 +300,7 @@ class ReceiverCore:
         reply = self._reply_to.pop(tid, None)
         if ev.reason == EndReason.RELEASED:
             return
-        cls, code = _END_ERRORS[ev.reason]
+        cls, code = END_ERRORS[ev.reason]
         err = cls(f"reservation ended: {ev.reason.value}", transfer_id=tid, peer=ev.peer, waiting_for=ev.state.value)
         log.warning("reservation_ended", transfer_id=tid, peer=ev.peer, reason=ev.reason.value, state=ev.state.value)
         if notify and reply is not None and ev.reason not in (EndReason.PEER_LOST, EndReason.ABORTED):
