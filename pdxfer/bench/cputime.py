@@ -44,6 +44,15 @@ def process_cpu_s(pid: int | None = None) -> float | None:
         return None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the platform has one): the
+    cores both ends of a loopback bench share, which may be fewer than the host has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class Measured(NamedTuple):
     seconds: float  # what the run itself reported (its own wall clock)
     own_cpu_s: float | None  # this process (the sending end)

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         return rawsock.run_baseline(base.info["port"], total, memoryview(buf), chunk, conc, verify=verify)
 
     verified = args.verified_baseline
-    cpus = os.cpu_count() or 1
+    cpus = cputime.usable_cpus()
 
     rows = []
     try:

@@ -3,6 +3,7 @@ by this process's short-lived threads, and say "unknown" rather than guess."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -60,3 +61,8 @@ def test_summary_medians_and_unknowns():
     assert s["busy"] == pytest.approx(0.75)  # (0.375 + 1.125) / 2 over the two fully known runs
     assert cputime.summary([], 1 << 30, cpus=2) == {"sender_ms_per_gib": None, "receiver_ms_per_gib": None,
                                                    "busy": None}
+
+
+def test_usable_cpus_is_what_this_process_may_run_on():
+    n = cputime.usable_cpus()
+    assert 1 <= n <= (os.cpu_count() or n)
