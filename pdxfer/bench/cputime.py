@@ -6,42 +6,53 @@ compared with is not. Wall-clock throughput alone cannot tell "the engine is slo
 "the engine does more work than the baseline on cores that are all busy"; CPU time per
 GiB of both processes, measured around the same runs, can.
 
-Own process: `time.process_time()` (every thread, including ones that exited during the
-run, e.g. the verified baseline's writer threads). Another process: the sum of its
-threads' run time from `/proc/<pid>/task/*/schedstat` (nanoseconds; Linux), falling back
-to `/proc/<pid>/stat` ticks. Threads of a child that exit within a run are not counted;
-the bench's children (receiver, raw target) keep theirs for their whole life.
+Own process: `time.process_time()`. Another process: its POSIX process CPU-time clock
+(`clock_getcpuclockid`, nanoseconds), falling back to `/proc/<pid>/stat` ticks. Both
+count every thread, including ones that exit during a run (the verified baseline's
+writer threads here, a raw socket receiver's per-connection threads there): summing the
+live threads' times instead went negative when one exited mid-run.
 """
 
 from __future__ import annotations
 
-import glob
+import ctypes
 import os
 import time
 from typing import Callable, NamedTuple
 
 
 def process_cpu_s(pid: int | None = None) -> float | None:
-    """CPU seconds (user + system, all threads) used so far by `pid` (None: this process);
-    None where the platform does not say (no /proc, or the process is gone)."""
+    """CPU seconds (user + system, all threads, including ones that have exited) used so
+    far by `pid` (None: this process); None where the platform does not say, or the
+    process is gone."""
     if pid is None or pid == os.getpid():
         return time.process_time()
-    total, found = 0, False
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+    clock = _cpu_clock(pid)
+    if clock is not None:
         try:
-            with open(path) as fh:
-                total += int(fh.read().split()[0])
-            found = True
-        except (OSError, ValueError, IndexError):  # a thread that exited between glob and open
-            continue
-    if found:
-        return total / 1e9
-    try:
+            return time.clock_gettime(clock)
+        except OSError:  # exited since
+            return None
+    try:  # clock tick resolution (10 ms), but counts exited threads too
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _cpu_clock(pid: int) -> int | None:
+    """The process CPU-time clock of `pid` (POSIX clock_getcpuclockid), or None."""
+    if pid <= 0 or not hasattr(time, "clock_gettime"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        clock = ctypes.c_int()
+        if libc.clock_getcpuclockid(ctypes.c_int(pid), ctypes.byref(clock)) != 0:
+            return None
+    except (OSError, AttributeError):  # no such libc function here
+        return None
+    return clock.value
 
 
 def usable_cpus() -> int:

@@ -66,3 +66,32 @@ def test_summary_medians_and_unknowns():
 def test_usable_cpus_is_what_this_process_may_run_on():
     n = cputime.usable_cpus()
     assert 1 <= n <= (os.cpu_count() or n)
+
+
+_THREAD_THEN_WAIT = ("import sys,threading,time\n"
+                     "def f():\n t=time.thread_time()\n while time.thread_time()-t<0.3: pass\n"
+                     "print('started', flush=True)\nsys.stdin.readline()\n"
+                     "th=threading.Thread(target=f); th.start(); th.join()\nprint('done', flush=True)\nsys.stdin.read()")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process CPU clock")
+def test_a_child_thread_that_exits_mid_run_still_counts():
+    """A raw socket receiver serves each connection on a thread that ends with it: its CPU
+    must count, not vanish (a sum over live threads went negative)."""
+    child = subprocess.Popen([sys.executable, "-c", _THREAD_THEN_WAIT], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "started"
+
+        def run() -> float:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+            return 0.3
+
+        m = cputime.measure(run, child.pid)
+        assert m.peer_cpu_s is not None and m.peer_cpu_s >= 0.25
+    finally:
+        child.kill()
+        child.wait(10)
