@@ -43,7 +43,13 @@ log = structlog.get_logger("pdxfer.nixl")
 # processes on a host), which carries the WRITEs; `tcp` must stay in the list here (with
 # only sm/cma, creating the UCX backend fails), and it carries the notifications: with
 # UCX_PROTO_INFO=y, UCX picks "zero-copy cma/memory" for ucp_put and "tcp/lo" for every
-# active message, also with posix or sysv named explicitly. On a cluster set UCX_TLS
+# active message, also with posix or sysv named explicitly. The reason is NIXL's UCX
+# backend parameter `ucx_error_handling_mode` ("peer" by default): UCX keeps active
+# messages off the shared-memory transports when it must report a peer's failure. With
+# "none" they go over sysv/memory and bare 256 KiB WRITEs ran 4.48 against 1.90 GB/s here
+# (2 MiB: 5.61 against 5.32), but the 2 MiB bench ratio did not move (raw and pdxfer gained
+# alike) and a peer's SIGKILL left a UCX request unreturned (a WARN at exit): we keep "peer",
+# which is what turns a dead receiver into nixlRemoteDisconnectError. On a cluster set UCX_TLS
 # and UCX_NET_DEVICES in the environment (or `ucx=` in the config); they win.
 # Where a GPU is present, `cuda_copy` (host<->device staging) and `cuda_ipc` (GPU to GPU on
 # one node) are added so VRAM regions and chunks have a transport.
