@@ -9,6 +9,7 @@ that the verified baselines really verify (a wrong checksum is caught on both pa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,10 +24,11 @@ KEYS = ("backend", "chunk_size", "total_bytes", "concurrency", "gbps", "baseline
         "verified_baseline", "verified_baseline_gbps", "ratio_vs_verified")
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
+def _bench(*args: str, columns: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": str(columns)} if columns else None  # rich wraps at 80 off a terminal
     return subprocess.run(
         [sys.executable, "-m", "pdxfer", "--log-level", "warning", "bench", "transfer", *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
 
 
@@ -162,3 +164,17 @@ def test_nixl_baseline_lands_transfers_side_by_side(ranges):
         target.kill()
     assert final is not None and final["notifications"] == 24 and final["verify_mismatches"] == 0
     assert final["verified_span"] == ranges * size
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_bench_transfer_tables_without_json(verified):
+    """The human-readable run prints both tables (throughput, then CPU per GiB), with or
+    without the verified baseline, and a CPU figure for every run kind it made."""
+    out = _bench("--backend", "tcp", "--chunk-size", "1MiB", "--concurrency", "1", "--total", "4MiB",
+                 "--transfer-size", "4MiB", "--pairs", "1", *(["--verified-baseline"] if verified else []), columns=200)
+    assert out.returncode == 0, out.stderr
+    assert "pdxfer bench transfer --backend tcp" in out.stdout
+    assert "CPU ms per GiB" in out.stdout
+    cpu_table = out.stdout[out.stdout.index("CPU ms per GiB"):]
+    assert ("ver tx" in cpu_table) is verified and "raw tx" in cpu_table and "pdx cores" in cpu_table
+    assert "?" not in cpu_table.split("1MiB", 1)[1]  # every figure known on Linux
