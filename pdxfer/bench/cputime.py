@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import statistics
 import time
 from typing import Callable, NamedTuple
 
@@ -82,22 +83,17 @@ def measure(run: Callable[[], float], peer_pid: int) -> Measured:
 
 def ms_per_gib(cpu_s: list[float | None], nbytes: int) -> float | None:
     """Median CPU milliseconds per GiB moved over runs of `nbytes` each; None if unknown."""
-    known = sorted(c for c in cpu_s if c is not None)
+    known = [c for c in cpu_s if c is not None]
     if not known or nbytes <= 0:
         return None
-    mid = len(known) // 2
-    med = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
-    return round(med * 1000 / (nbytes / (1 << 30)), 1)
+    return round(statistics.median(known) * 1000 / (nbytes / (1 << 30)), 1)
 
 
 def busy(runs: list[Measured], cpus: int) -> float | None:
     """Median share of the host's `cpus` that both ends kept busy during a run."""
-    shares = sorted((r.own_cpu_s + r.peer_cpu_s) / (r.seconds * cpus) for r in runs
-                    if r.own_cpu_s is not None and r.peer_cpu_s is not None and r.seconds > 0)
-    if not shares:
-        return None
-    mid = len(shares) // 2
-    return round(shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2, 3)
+    shares = [(r.own_cpu_s + r.peer_cpu_s) / (r.seconds * cpus) for r in runs
+              if r.own_cpu_s is not None and r.peer_cpu_s is not None and r.seconds > 0]
+    return round(statistics.median(shares), 3) if shares else None
 
 
 def summary(runs: list[Measured], nbytes: int, cpus: int) -> dict[str, float | None]:

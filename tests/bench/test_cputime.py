@@ -18,27 +18,40 @@ _SPIN = ("import sys,time\nprint('started', flush=True)\nsys.stdin.readline()\n"
          "t=time.process_time()\nwhile time.process_time()-t<0.3: pass\nprint('done', flush=True)\nsys.stdin.read()")
 
 
+class GatedChild:
+    """A child running `code`, which prints 'started', waits for a line on stdin, does its
+    work and prints 'done': `go()` is a run for `cputime.measure` that holds all the work."""
+
+    def __init__(self, code: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        assert self.proc.stdout.readline().strip() == "started"
+
+    def go(self) -> float:
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "done"
+        return 0.3
+
+    def end(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads another process's CPU clock (Linux)")
 def test_measure_counts_a_busy_child_and_an_idle_one():
-    child = subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = GatedChild(_SPIN)
     try:
-        assert child.stdout is not None and child.stdin is not None
-        assert child.stdout.readline().strip() == "started"
-
-        def wait_for_spin() -> float:
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            assert child.stdout.readline().strip() == "done"
-            return 0.3
-
-        busy = cputime.measure(wait_for_spin, child.pid)
+        busy = cputime.measure(child.go, child.pid)
         assert busy.peer_cpu_s is not None and busy.peer_cpu_s >= 0.25  # the child burned >= 0.3 s itself
         idle = cputime.measure(lambda: (time.sleep(0.2), 0.2)[1], child.pid)
         assert idle.peer_cpu_s is not None and idle.peer_cpu_s < 0.1  # blocked on stdin: no CPU
         assert idle.own_cpu_s is not None and idle.own_cpu_s < 0.15
     finally:
-        child.kill()
-        child.wait(10)
+        child.end()
     assert cputime.process_cpu_s(child.pid) is None  # gone: unknown, not zero
 
 
@@ -84,20 +97,9 @@ _THREAD_THEN_WAIT = ("import sys,threading,time\n"
 def test_a_child_thread_that_exits_mid_run_still_counts():
     """A raw socket receiver serves each connection on a thread that ends with it: its CPU
     must count, not vanish (a sum over live threads went negative)."""
-    child = subprocess.Popen([sys.executable, "-c", _THREAD_THEN_WAIT], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = GatedChild(_THREAD_THEN_WAIT)
     try:
-        assert child.stdout is not None and child.stdin is not None
-        assert child.stdout.readline().strip() == "started"
-
-        def run() -> float:
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            assert child.stdout.readline().strip() == "done"
-            return 0.3
-
-        m = cputime.measure(run, child.pid)
+        m = cputime.measure(child.go, child.pid)
         assert m.peer_cpu_s is not None and m.peer_cpu_s >= 0.25
     finally:
-        child.kill()
-        child.wait(10)
+        child.end()
