@@ -177,7 +177,7 @@ class BackendPool:
             try:
                 await bounded(self._wake.wait(), interval)
             except asyncio.TimeoutError:
-                pass
+                pass  # nobody reported a dead worker: the interval is up, probe again
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [b.snapshot() for b in self.backends]
