@@ -5,7 +5,10 @@ I/O error never leaves a half-written chunk that looks valid; every read is veri
 against the chunk's checksum. Each process holds an exclusive `flock` on a lock file in
 its own directory for its whole life: at start-up, any sibling directory whose lock can
 be taken belongs to a dead process and is removed, so spill files of a crashed worker
-never accumulate. All methods do blocking I/O and are meant for a worker thread.
+never accumulate. A directory gets its spill name only by a rename after its lock is
+held: made under its final name, it would sit unlocked for a moment, and a worker
+starting beside it would take it for a dead one and delete it under its owner.
+All methods do blocking I/O and are meant for a worker thread.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from pdxfer.errors import IntegrityError
 
 log = structlog.get_logger("pdxfer.tiers")
 _PREFIX = "pdxfer-spill-"
+# Where a directory is made and locked before it is renamed to its _PREFIX name; only the
+# owner's pid tells a dead one from one being set up, so one is removed when that is gone.
+_STAGING = ".pdxfer-staging-"
 _IO_BLOCK = 8 << 20  # large sequential writes
 # Reads go in 1 MiB pieces, each hashed right after it lands while it is still in cache:
 # hashing the whole chunk afterwards was a second pass from DRAM (a 16 MiB chunk read from
@@ -46,13 +52,16 @@ def cleanup_orphans(root: Path) -> int:
     if not root.is_dir():
         return 0
     for d in root.iterdir():
+        if d.name.startswith(_STAGING) and d.is_dir():
+            removed += _remove_dead_staging(d)
+            continue
         if not d.name.startswith(_PREFIX) or not d.is_dir():
             continue
         lock = d / "owner.lock"
         try:
             fd = os.open(lock, os.O_RDWR)
         except FileNotFoundError:
-            fd = None  # never finished creating: owner died at start-up
+            fd = None  # made by a version that created it unlocked, owner died at start-up
         except OSError:
             continue
         try:
@@ -70,6 +79,47 @@ def cleanup_orphans(root: Path) -> int:
     return removed
 
 
+def _remove_dead_staging(d: Path) -> int:
+    try:
+        pid = int(d.name[len(_STAGING):].split("-", 1)[0])
+    except ValueError:
+        return 0  # not ours
+    if _alive(pid):
+        return 0
+    shutil.rmtree(d, ignore_errors=True)
+    log.info("spill_orphans_removed", directory=str(d))
+    return 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def _make_locked_dir(root: Path) -> tuple[Path, int]:
+    """A new spill directory whose lock is already held when it first bears the spill name."""
+    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+    staging = root / f"{_STAGING}{tag}"
+    staging.mkdir()
+    fd = -1
+    try:
+        fd = os.open(staging / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # an flock belongs to the open file: kept over the rename
+        final = root / f"{_PREFIX}{tag}"
+        os.rename(staging, final)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final, fd
+
+
 class DiskTier:
     def __init__(self, root: str | os.PathLike, capacity: int) -> None:
         if capacity < 0:
@@ -78,10 +128,7 @@ class DiskTier:
         self.root.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity
         self.orphans_removed = cleanup_orphans(self.root)
-        self.dir = self.root / f"{_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-        self.dir.mkdir()
-        self._lock_fd = os.open(self.dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.dir, self._lock_fd = _make_locked_dir(self.root)
         self._used = 0
         self._mutex = threading.Lock()
         self._keys = itertools.count(1)

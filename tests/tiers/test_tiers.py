@@ -1,3 +1,4 @@
+import fcntl
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 from pdxfer.errors import IntegrityError
 from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.tiers import DiskTier, HostTier, SpillStore, cleanup_orphans
+from pdxfer.tiers import disk as disk_module
 
 
 def _chunk(n: int, seed: int) -> memoryview:
@@ -109,3 +111,52 @@ def test_orphans_of_a_killed_process_are_removed_but_live_ones_kept(tmp_path):
                 p.kill()
             p.wait(10)
             p.stdout.close()
+
+
+def test_a_worker_starting_beside_another_never_deletes_its_directory(tmp_path, monkeypatch):
+    """The other worker's clean-up runs at the worst moment: before the new lock is taken."""
+    real_flock = fcntl.flock
+    swept: list[int] = []
+
+    def flock_after_a_sweep(fd, op):
+        if op == fcntl.LOCK_EX and not swept:
+            swept.append(cleanup_orphans(tmp_path))
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(disk_module.fcntl, "flock", flock_after_a_sweep)
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert swept == [0]  # the sweep saw the directory being set up and left it
+    assert tier.put(_chunk(4096, 3), 1) is not None
+    assert cleanup_orphans(tmp_path) == 0 and len(tier.files()) == 1
+    tier.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_staging_directories_of_dead_processes_are_removed(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(10)  # reaped: its pid names no process now
+    dead = tmp_path / f".pdxfer-staging-{child.pid}-00000000"
+    live = tmp_path / f".pdxfer-staging-{os.getpid()}-00000000"
+    foreign = tmp_path / ".pdxfer-staging-notapid"
+    for d in (dead, live, foreign):
+        d.mkdir()
+        (d / "owner.lock").touch()
+    assert cleanup_orphans(tmp_path) == 1
+    assert not dead.exists() and live.is_dir() and foreign.is_dir()
+
+
+def test_many_workers_starting_at_once_each_keep_their_directory(tmp_path):
+    code = ("import sys; from pdxfer.tiers import DiskTier; import numpy as np;"
+            "d=DiskTier(sys.argv[1], 1<<20); d.put(memoryview(np.ones(4096,np.uint8)), 1);"
+            "print(len(d.files()), flush=True); sys.stdin.read(); d.close()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    try:
+        outs = [p.communicate("", timeout=60) for p in procs]
+        assert [(p.returncode, o.strip()) for p, (o, _) in zip(procs, outs)] == [(0, "1")] * 8, outs
+        assert os.listdir(tmp_path) == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
