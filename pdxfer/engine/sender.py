@@ -123,6 +123,7 @@ class Sender:
         self._ids_lock = threading.Lock()
         self._live_ids: set[str] = set()
         self._nixl: "asyncio.Future[NixlSendSide] | None" = None
+        self._nixl_made: "NixlSendSide | None" = None  # for the counters only (any thread reads it)
         self._spill: "SpillCoordinator | None" = None
         # One hashing thread for every TCP lane (sendq.hashahead); xxhash releases the GIL.
         # NIXL lanes hash on their loop: the progress thread does the copy there, so the
@@ -204,6 +205,7 @@ class Sender:
         except Exception as exc:
             raise TransferAborted(f"NIXL data path unavailable: {exc}", waiting_for="nixl_agent") from None
         side.tune(spin_s=self.config.nixl_spin_s, max_sleep_s=self.config.nixl_max_sleep_s)
+        self._nixl_made = side
         return side
 
     def _live_transfers(self) -> list[OutCtx]:
@@ -226,6 +228,17 @@ class Sender:
         """How often, and how long at worst, this sender's event loop was held up (see
         LoopThread): a number to read first when a peer is reported silent."""
         return self._rt.stall_report()
+
+    @property
+    def nixl_writes(self) -> dict[str, int]:
+        """NIXL WRITE requests posted and completed (a batch of chunks counts once), summed
+        over the workers; zeros until the first NIXL lane: what shows that a sender
+        configured for NIXL really moved its bytes that way."""
+        side = self._nixl_made
+        if side is None:
+            return {"posts": 0, "completions": 0}
+        return {"posts": sum(p.stats.posts for p in side.progresses),
+                "completions": sum(p.stats.completions for p in side.progresses)}
 
     @property
     def budget_used(self) -> int:

@@ -71,6 +71,9 @@ def servers(vllm_with_pdxfer: str, tiny_model_dir: Path, vllm_log_dir: Path) -> 
                                  decode_receivers=receivers,
                                  sender_memory=PREFILL2_SENDER_BLOCKS * kv_block_bytes(tiny_model_dir)),
         "decode_rc": decode_rc,
+        # the same decode, fed over NIXL (one-sided WRITEs into its registered region)
+        "prefill_nixl": PdxferServer("pdx-prefill-nixl", tiny_model_dir, "kv_producer", log_dir=vllm_log_dir,
+                                     python=py, decode_receivers=receivers, backend="nixl"),
     }
     try:
         t0 = time.monotonic()
@@ -110,6 +113,35 @@ def test_greedy_outputs_equal_single_instance(servers: dict[str, VllmServer]) ->
     assert_no_leaks(*_pdx(servers, "prefill", "decode"))
     st = servers["decode"].stats()  # type: ignore[attr-defined]
     assert st["counters"]["received"] >= len(ps) and st["counters"]["recv_failed"] == 0
+
+
+def test_greedy_outputs_over_nixl_equal_single_instance(servers: dict[str, VllmServer]) -> None:
+    """A prefill configured with backend "nixl" moves every request's KV by NIXL WRITEs,
+    in both flows (pull and pushed while the prefill runs), and the output is still
+    exactly the single instance's."""
+    ps = prompts(n_random=6, seed=23)
+    want = _reference(servers, ps)
+    p, d = servers["prefill_nixl"], servers["decode"]
+    before = p.stats()["sender_nixl_writes"]  # type: ignore[attr-defined]
+    got = [disaggregated(p, d, prompt)["choices"][0]["text"] for prompt in ps]
+    assert got == want
+    for i, (prompt, w) in enumerate(zip(ps[-4:], want[-4:])):
+        tid = f"nixl-conc-{i}-{time.monotonic_ns()}"
+        with concurrent.futures.ThreadPoolExecutor(2) as legs:
+            dec = legs.submit(completion, d, prompt, 12, {"do_remote_prefill": True, "do_remote_decode": False,
+                                                           "transfer_id": tid, "request_id": tid})
+            pre = legs.submit(completion, p, prompt, 1, {"do_remote_decode": True, "do_remote_prefill": False,
+                                                          "transfer_id": tid, "remote_decode_url": d.url,
+                                                          "request_id": tid})
+            (st, out), (pst, pout) = dec.result(120), pre.result(120)
+        assert st == 200 and pst == 200, (out, pout)
+        assert out["choices"][0]["text"] == w
+    st = p.stats()  # type: ignore[attr-defined]
+    assert st["sender_backend"] == "nixl"
+    # one WRITE request per batch of chunks: at least one per transfer that had blocks to move
+    assert st["sender_nixl_writes"]["completions"] - before["completions"] >= len(ps)
+    assert st["counters"]["send_failed"] == 0 and st["counters"]["sent"] >= len(ps) + 4
+    assert_no_leaks(*_pdx(servers, "prefill_nixl", "decode"))
 
 
 def _reference(servers: dict[str, VllmServer], ps: list[list[int]]) -> list[str]:

@@ -64,6 +64,15 @@ def test_plugin_config() -> None:
         PluginConfig.from_extra({"spill_disk_bytes": -1})
     spill = PluginConfig.from_extra({"spill_host_bytes": 1 << 20, "spill_disk_bytes": 1 << 30, "spill_after_s": 0.5})
     assert spill.spill_disk_bytes == 1 << 30 and spill.spill_after_s == 0.5
+    nixl = PluginConfig.from_extra({"backend": "nixl", "ucx": {"UCX_TLS": "tcp,self,sm"}})
+    assert nixl.backend == "nixl" and nixl.ucx == {"UCX_TLS": "tcp,self,sm"}
+    assert PluginConfig.from_extra({}).backend == "tcp"
+    with pytest.raises(ValueError, match="backend must be one of tcp, nixl, got 'rdma'"):
+        PluginConfig.from_extra({"backend": "rdma"})
+    with pytest.raises(ValueError, match="ucx must map UCX_"):
+        PluginConfig.from_extra({"ucx": {"TLS": "tcp"}})
+    with pytest.raises(ValueError, match="ucx must map UCX_"):
+        PluginConfig.from_extra({"ucx": {"UCX_TLS": 1}})
 
 
 class Status(enum.Enum):

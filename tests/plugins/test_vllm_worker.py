@@ -47,9 +47,13 @@ def wait_for(fn: Any, timeout: float = 10.0) -> Any:
 
 
 @pytest.fixture
-def pair() -> Any:
-    p = WorkerSide(PluginConfig(side_port=free_port(), lease_s=30, handshake_timeout_s=2, recv_timeout_s=5),
-                   producer=True, consumer=False)
+def pair(request: pytest.FixtureRequest) -> Any:
+    """A prefill and a decode worker; the prefill's data path is the test's param (tcp if none)."""
+    backend = getattr(request, "param", "tcp")
+    if backend == "nixl":
+        pytest.importorskip("nixl")
+    p = WorkerSide(PluginConfig(side_port=free_port(), lease_s=30, handshake_timeout_s=2, recv_timeout_s=5,
+                                backend=backend), producer=True, consumer=False)
     d = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2, recv_timeout_s=5),
                    producer=False, consumer=True)
     pc, dc = caches(1), caches(None)
@@ -73,6 +77,16 @@ def collect(w: WorkerSide, timeout: float = 10.0) -> tuple[set[str], set[str], s
     return acc
 
 
+BOTH_BACKENDS = pytest.mark.parametrize("pair", ["tcp", "nixl"], indirect=True)
+
+
+def _moved_over(p: WorkerSide) -> str:
+    """The data path the prefill's bytes took, from what it reports over the side channel."""
+    st = p.stats()
+    return "nixl" if st["sender_nixl_writes"]["completions"] > 0 else st["sender_backend"] + " (no NIXL WRITE)"
+
+
+@BOTH_BACKENDS
 def test_pull_moves_whole_blocks_and_frees_everything(pair: Any) -> None:
     p, d, pc, dc = pair
     src, dst = (3, 7, 1), (9, 2, 5)
@@ -88,6 +102,10 @@ def test_pull_moves_whole_blocks_and_frees_everything(pair: Any) -> None:
     st = d.stats()
     assert st["receiver"]["reserved_bytes"] == 0 and st["receiving"] == 0
     assert p.stats()["held"] == 0
+    if p.cfg.backend == "nixl":
+        assert _moved_over(p) == "nixl"
+    else:
+        assert p.stats()["sender_nixl_writes"] == {"posts": 0, "completions": 0}
 
 
 def test_unknown_transfer_fails_the_load_with_block_errors(pair: Any) -> None:
@@ -138,6 +156,7 @@ def test_cancel_reports_finished_without_failure(pair: Any) -> None:
     assert d.get_finished() == (set(), {"dreq"}, set())
 
 
+@BOTH_BACKENDS
 def test_stream_pushes_chunks_as_prefill_progresses(pair: Any) -> None:
     """Concurrent flow: the prefill pushes block chunks step by step; the decode (with a
     local prefix hit on the first block) unpacks the rest once the transfer commits."""
@@ -160,8 +179,12 @@ def test_stream_pushes_chunks_as_prefill_progresses(pair: Any) -> None:
     assert wait_for(lambda: p.stats()["in_flight"] == 0 and p.stats()["streaming"] == 0)
     assert d.stats()["receiver"]["reserved_bytes"] == 0
     assert p.stats()["counters"]["streamed_early"] == 2  # blocks 1 and 2 went before the prefill ended
+    assert p.stats()["sender_backend"] == p.cfg.backend
+    if p.cfg.backend == "nixl":
+        assert _moved_over(p) == "nixl"
 
 
+@BOTH_BACKENDS
 def test_aborted_stream_fails_the_decode(pair: Any) -> None:
     from pdxfer.plugins.vllm.meta import StreamSpec
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pdxfer.engine.config import BACKENDS
+
 Blocks = tuple[tuple[int, ...], ...]  # block ids per KV-cache group
 
 
@@ -113,6 +115,11 @@ class PluginConfig:
     spill_disk_bytes: int = 0
     spill_dir: str | None = None
     spill_after_s: float | None = None
+    # Prefill: the data path of its Sender ("tcp", or "nixl": one-sided WRITEs into the
+    # decode's registered region). A decode Receiver accepts both, so only the prefill says.
+    backend: str = "tcp"
+    # UCX_* settings for NIXL (both roles; the process environment wins, see SenderConfig.ucx).
+    ucx: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, *, kv_ip: str | None = None,
@@ -134,4 +141,9 @@ class PluginConfig:
             raise ValueError("receiver_capacity and sender_memory must be > 0")
         if cfg.spill_host_bytes < 0 or cfg.spill_disk_bytes < 0:
             raise ValueError("spill_host_bytes and spill_disk_bytes must be >= 0")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+        if not isinstance(cfg.ucx, Mapping) or not all(
+                isinstance(k, str) and k.startswith("UCX_") and isinstance(v, str) for k, v in cfg.ucx.items()):
+            raise ValueError(f"ucx must map UCX_* names to strings, got {cfg.ucx!r}")
         return cfg

@@ -83,11 +83,13 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
                                               peer_timeout_s=self.cfg.peer_timeout_s,
                                               spill_host_bytes=self.cfg.spill_host_bytes,
                                               spill_disk_bytes=self.cfg.spill_disk_bytes, spill_dir=self.cfg.spill_dir,
-                                              spill_after_s=self.cfg.spill_after_s)).start()
+                                              spill_after_s=self.cfg.spill_after_s,
+                                              backend=self.cfg.backend, ucx=dict(self.cfg.ucx))).start()
         if self.consumer:
             self.receiver = Receiver(ReceiverConfig(capacity=self.cfg.receiver_capacity, host=self.cfg.receiver_host,
                                                     control_port=self.cfg.receiver_port,
-                                                    lease_s=self.cfg.receiver_lease_s)).start()
+                                                    lease_s=self.cfg.receiver_lease_s,
+                                                    ucx=dict(self.cfg.ucx))).start()
         if self.sender is not None:
             # Concurrent flow: lanes to the configured decode receivers are set up now, so
             # the first streamed prefill does not wait for HELLO round trips (under load
@@ -289,6 +291,8 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
             out["sender_budget_used"] = self.sender.budget_used
             out["sender_spill"] = self.sender.spill_usage()
             out["sender_loop_stalls"] = self.sender.loop_stalls
+            out["sender_backend"] = self.sender.config.backend
+            out["sender_nixl_writes"] = self.sender.nixl_writes
         if self.receiver is not None:
             led = self.receiver.ledger()
             out["receiver"] = {"capacity": led.capacity, "reserved_bytes": led.reserved_bytes,
