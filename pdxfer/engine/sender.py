@@ -230,15 +230,12 @@ class Sender:
         return self._rt.stall_report()
 
     @property
-    def nixl_writes(self) -> dict[str, int]:
-        """NIXL WRITE requests posted and completed (a batch of chunks counts once), summed
-        over the workers; zeros until the first NIXL lane: what shows that a sender
-        configured for NIXL really moved its bytes that way."""
+    def nixl_write_requests(self) -> int:
+        """NIXL WRITE requests posted so far (a batch of chunks counts once), over all
+        workers; 0 until the first NIXL lane: what shows that a sender configured for
+        NIXL really moved its bytes that way."""
         side = self._nixl_made
-        if side is None:
-            return {"posts": 0, "completions": 0}
-        return {"posts": sum(p.stats.posts for p in side.progresses),
-                "completions": sum(p.stats.completions for p in side.progresses)}
+        return 0 if side is None else sum(p.stats.posts for p in side.progresses)
 
     @property
     def budget_used(self) -> int:

@@ -292,7 +292,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
             out["sender_spill"] = self.sender.spill_usage()
             out["sender_loop_stalls"] = self.sender.loop_stalls
             out["sender_backend"] = self.sender.config.backend
-            out["sender_nixl_writes"] = self.sender.nixl_writes
+            out["sender_nixl_write_requests"] = self.sender.nixl_write_requests
         if self.receiver is not None:
             led = self.receiver.ledger()
             out["receiver"] = {"capacity": led.capacity, "reserved_bytes": led.reserved_bytes,
