@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import json
 import random
 import socket
@@ -133,6 +135,23 @@ def disaggregated(prefill: VllmServer, decode: VllmServer, prompt: list[int], ma
     st, out = completion(decode, prompt, max_tokens, params)
     assert st == 200, out
     return out
+
+
+def concurrent_legs(prefill: VllmServer, decode: VllmServer, prompt: list[int], tid: str,
+                    max_tokens: int = 12) -> str:
+    """What `pdxfer proxy --flow concurrent` does: both legs at once, sharing `tid`; the
+    decode's text."""
+    with concurrent.futures.ThreadPoolExecutor(2) as legs:
+        dec = legs.submit(completion, decode, prompt, max_tokens, {"do_remote_prefill": True, "do_remote_decode": False,
+                                                                   "transfer_id": tid, "request_id": tid})
+        pre = legs.submit(completion, prefill, prompt, 1, {"do_remote_decode": True, "do_remote_prefill": False,
+                                                           "transfer_id": tid, "remote_decode_url": decode.url,
+                                                           "request_id": tid})
+        st, out = dec.result(120)
+        assert st == 200, out
+        pst, pout = pre.result(120)
+        assert pst == 200, pout
+    return out["choices"][0]["text"]
 
 
 def prompts(n_random: int = 14, seed: int = 7) -> list[list[int]]:

@@ -25,6 +25,7 @@ from connector_testlib import (
     PdxferServer,
     assert_no_leaks,
     completion,
+    concurrent_legs,
     disaggregated,
     fixed_port,
     kv_block_bytes,
@@ -126,16 +127,7 @@ def test_greedy_outputs_over_nixl_equal_single_instance(servers: dict[str, VllmS
     got = [disaggregated(p, d, prompt)["choices"][0]["text"] for prompt in ps]
     assert got == want
     for i, (prompt, w) in enumerate(zip(ps[-4:], want[-4:])):
-        tid = f"nixl-conc-{i}-{time.monotonic_ns()}"
-        with concurrent.futures.ThreadPoolExecutor(2) as legs:
-            dec = legs.submit(completion, d, prompt, 12, {"do_remote_prefill": True, "do_remote_decode": False,
-                                                           "transfer_id": tid, "request_id": tid})
-            pre = legs.submit(completion, p, prompt, 1, {"do_remote_decode": True, "do_remote_prefill": False,
-                                                          "transfer_id": tid, "remote_decode_url": d.url,
-                                                          "request_id": tid})
-            (st, out), (pst, pout) = dec.result(120), pre.result(120)
-        assert st == 200 and pst == 200, (out, pout)
-        assert out["choices"][0]["text"] == w
+        assert concurrent_legs(p, d, prompt, f"nixl-conc-{i}-{time.monotonic_ns()}") == w
     st = p.stats()  # type: ignore[attr-defined]
     assert st["sender_backend"] == "nixl"
     # one WRITE request per batch of chunks: at least one per transfer that had blocks to move
@@ -162,17 +154,7 @@ def test_concurrent_flow_streams_prefill_chunks(servers: dict[str, VllmServer]) 
 
     def both(i_prompt: tuple[int, list[int]]) -> str:
         i, prompt = i_prompt
-        tid = f"conc-{i}-{time.monotonic_ns()}"
-        with concurrent.futures.ThreadPoolExecutor(2) as legs:
-            dec = legs.submit(completion, d, prompt, 12, {"do_remote_prefill": True, "do_remote_decode": False,
-                                                           "transfer_id": tid, "request_id": tid})
-            pre = legs.submit(completion, p, prompt, 1, {"do_remote_decode": True, "do_remote_prefill": False,
-                                                          "transfer_id": tid, "remote_decode_url": d.url,
-                                                          "request_id": tid})
-            st, out = dec.result(120)
-            assert st == 200, out
-            assert pre.result(120)[0] == 200
-        return out["choices"][0]["text"]
+        return concurrent_legs(p, d, prompt, f"conc-{i}-{time.monotonic_ns()}")
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         got = list(pool.map(both, enumerate(ps)))
