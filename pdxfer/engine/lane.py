@@ -13,7 +13,8 @@ Backends: a "tcp" lane writes each chunk on its data connection and is done with
 the bytes are in the socket. A "nixl" lane has no data connection: it hands each chunk to
 the NIXL progress thread, which WRITEs it (one-sided, with a notification) into the address
 the GRANT named; the lane keeps going meanwhile, sends COMMIT once every WRITE is handed
-over, and returns a chunk's budget when its WRITE completed. The first failed WRITE (NIXL's
+over, and returns a chunk's budget when its WRITE completed; a transfer succeeds only once
+the receiver's DONE and all its local completions are in. The first failed WRITE (NIXL's
 remote-disconnect error) ends the lane like a TCP EOF does.
 
 What each chunk needs before it can go (spilled ones read back, all of them hashed) is
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import os
 import time
@@ -367,6 +369,9 @@ class Lane:
 
     def _finish(self, ctx: OutCtx) -> None:
         self._forget(ctx)
+        self._writes.when_quiet(ctx, functools.partial(self._succeed, ctx))  # NIXL: see lane_writes
+
+    def _succeed(self, ctx: OutCtx) -> None:
         now = self._loop.time()
         res = TransferResult(ctx.out.tid, self.address, ctx.out.payload.total_bytes, ctx.out.payload.chunk_count,
                              now - ctx.started, (ctx.granted_at or now) - ctx.started)
@@ -391,10 +396,16 @@ class Lane:
             # the range at once; sent even when the receiver ended it (it quarantined it).
             self._writes.abort(ctx, type(err).__name__)
         ctx.log.warning("transfer_failed", state=was.value, error=str(err))
-        if not ctx.future.done():
-            ctx.future.set_exception(err)
+        # NIXL: the caller may free the chunks once the future is done, so not while a WRITE
+        # still reads them (bounded: a lane that closes fails its WRITEs still in flight).
+        self._writes.when_quiet(ctx, functools.partial(_set_exception, ctx.future, err))
 
     def on_deadline(self, ctx: OutCtx) -> None:
         self.fail(ctx, TransferTimeout(f"deadline passed in state {ctx.out.state.value}",
                                        transfer_id=ctx.out.tid, peer=self.address,
                                        waiting_for=ctx.out.state.value))
+
+
+def _set_exception(fut: "concurrent.futures.Future[Any]", err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)

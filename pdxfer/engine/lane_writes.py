@@ -2,10 +2,15 @@
 
 A NIXL lane hands each chunk to the progress thread and goes on; the chunk's budget (and
 its read-back buffer, if it was spilled) comes back when its WRITE completed, whatever
-the outcome. ABORT tells the receiver that none of our WRITEs can land in the
-transfer's range any more, so it may give that range to the next transfer at once
-(rather than quarantining it): it therefore goes out only after the transfer's last
-WRITE finished.
+the outcome. Two things therefore wait for a transfer's last WRITE to finish here:
+
+- ABORT, which tells the receiver that none of our WRITEs can land in the transfer's range
+  any more, so it may give that range to the next transfer at once (rather than
+  quarantining it);
+- the transfer's success. The receiver's DONE travels over ZMQ and can overtake the
+  progress thread's report that the last WRITEs completed locally; resolving the future
+  then would hand the caller back its buffers (to free or refill) while NIXL still holds
+  them, with their budget not yet returned.
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ class NixlWrites:
         if not fut.cancelled():
             fut.exception()  # failures end the lane through the data client's `closed` future
         ctx.extra["writes"] -= 1
-        if ctx.extra["writes"] == 0 and "abort_when_quiet" in ctx.extra:
-            self._send_abort(ctx, ctx.extra.pop("abort_when_quiet"))
+        if ctx.extra["writes"] == 0:
+            for fn in ctx.extra.pop("when_quiet", ()):
+                fn()
+
+    def when_quiet(self, ctx: OutCtx, fn: Callable[[], None]) -> None:
+        """Run `fn` now, or once the transfer's last WRITE in flight finished (whatever its
+        outcome: a lane that closes fails its WRITEs still in flight, bounded, so this runs)."""
+        if ctx.extra.get("writes", 0) > 0:
+            ctx.extra.setdefault("when_quiet", []).append(fn)
+        else:
+            fn()
 
     def abort(self, ctx: OutCtx, reason: str) -> None:
         """ABORT now, or once the transfer's last WRITE in flight finished."""
-        if ctx.extra.get("writes", 0) > 0:
-            ctx.extra["abort_when_quiet"] = reason
-        else:
-            self._send_abort(ctx, reason)
+        self.when_quiet(ctx, functools.partial(self._send_abort, ctx, reason))

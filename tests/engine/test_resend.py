@@ -49,7 +49,7 @@ def test_a_lost_request_or_answer_is_asked_again_and_the_transfer_completes(make
     asked = "Reserve" if lost in (m.Reserve, m.Grant) else "Commit"
     assert seen[asked] >= 3, seen  # warm-up's, the lost or unanswered one, and the one sent again
     assert not drop
-    _eventually(lambda: s.budget_used == 0)  # a NIXL WRITE's completion may trail the DONE a little
+    assert s.budget_used == 0  # NIXL too: a transfer succeeds only after its WRITEs completed here
     assert r.ledger().granted_count == 0
 
 

@@ -25,7 +25,52 @@ def test_bytes_arrive_intact_and_ledger_returns_to_zero(make_receiver, make_send
     res = fut.result(10)
     assert res.nbytes == sum(map(len, chunks)) and res.chunks == 4
     _eventually(lambda: r.ledger().reserved_bytes == 0)
-    _eventually(lambda: s.budget_used == 0)  # NIXL: a chunk's budget returns when its WRITE completed
+    assert s.budget_used == 0  # NIXL too: a transfer succeeds only after its WRITEs completed here
+
+
+def _late_local_completions(monkeypatch, backend: str) -> None:
+    """Make the progress thread's report that a WRITE completed here arrive 0.3 s late."""
+    if backend == "nixl":
+        from pdxfer.transport.nixl import NixlDataClient
+
+        on_done = NixlDataClient._on_done
+
+        def late(self, fut, state, err):
+            self._loop.call_later(0.3, on_done, self, fut, state, err)
+
+        monkeypatch.setattr(NixlDataClient, "_on_done", late)
+
+
+def test_success_waits_for_the_last_writes_local_completion(make_receiver, make_sender, backend, monkeypatch):
+    """Found in CI: the receiver's DONE (over ZMQ) overtook the progress thread's report that
+    the last WRITEs completed here, so the future resolved with two chunks' budget still
+    held and NIXL still holding buffers the caller was now free to reuse. The report is
+    delayed here to make that order certain; the transfer must succeed only after it."""
+    _late_local_completions(monkeypatch, backend)
+    r, s = make_receiver(), make_sender(backend=backend)
+    chunks = [os.urandom(256 << 10) for _ in range(4)]
+    fut = s.submit(r.control_address, "t-local-completion", chunks)
+    with r.wait("t-local-completion", timeout=10) as got:
+        assert bytes(got.view) == b"".join(chunks)
+    fut.result(10)
+    assert s.budget_used == 0  # at resolution, not eventually
+
+
+def test_failure_waits_for_the_writes_in_flight(make_receiver, make_sender, backend, monkeypatch):
+    """Aborted with WRITEs still reading its chunks: the caller may free those chunks as
+    soon as the future is done, so it must not be done before the WRITEs are."""
+    _late_local_completions(monkeypatch, backend)
+    r, s = make_receiver(), make_sender(backend=backend)
+    chunks = [os.urandom(256 << 10) for _ in range(4)]
+    h = s.open(r.control_address, "t-abort-in-flight", Payload.of(chunks))
+    for i in range(3):  # the last chunk never comes: no DONE can end it first
+        h.put(i, chunks[i])
+    _eventually(lambda: s.budget_used < 3 * (256 << 10) if backend == "tcp" else s.nixl_write_requests > 0)
+    h.abort("caller gave up")
+    with pytest.raises(TransferAborted):
+        h.future.result(10)
+    assert s.budget_used == 0  # at resolution, not eventually
+    _eventually(lambda: r.ledger().reserved_bytes == 0)
 
 
 def test_chunks_put_out_of_order_are_sent_in_order(make_receiver, make_sender, backend):
