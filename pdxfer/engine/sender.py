@@ -93,6 +93,8 @@ class OutboundHandle:
             budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
                            transfer_id=self.transfer_id)
         except Backpressure as exc:
+            with self._lock:  # not taken: the caller may put this chunk again later
+                self._put.discard(index)
             spill = self._sender._spill
             if spill is not None:
                 raise spill.exhausted(exc, self.transfer_id) from None
@@ -105,6 +107,12 @@ class OutboundHandle:
 
     def abort(self, reason: str = "aborted by caller") -> None:
         self._sender._rt.call(self._sender._abort, self._ctx, reason)
+
+    @property
+    def granted(self) -> bool:
+        """The receiver has reserved room for the whole transfer (or it ended): chunks put
+        now drain on their own. Read from any thread; a snapshot of the loop's state."""
+        return self._ctx.out.state not in _BEFORE_GRANT
 
 
 class Sender:

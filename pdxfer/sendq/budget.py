@@ -15,7 +15,13 @@ from typing import Callable
 
 from pdxfer.errors import Backpressure
 
-SpillHook = Callable[[int], int]  # (bytes needed) -> bytes freed
+SpillHook = Callable[[int], int]  # (bytes needed) -> bytes on their way back (see acquire)
+
+# The spill hook copies chunks out and hands each copy to the event loop, which swaps it
+# in and releases the original's budget a callback later. A caller whose timeout is 0
+# (vLLM's engine thread, which must not wait on the network) still waits that long:
+# local work, not the network. Bounded all the same.
+ADOPT_WAIT_S = 2.0
 
 
 class MemoryBudget:
@@ -45,9 +51,13 @@ class MemoryBudget:
                 if hook is not None:
                     self._cond.release()
                     try:
-                        hook(self._used + nbytes - self.capacity)
+                        freed = hook(self._used + nbytes - self.capacity)
                     finally:
                         self._cond.acquire()
+                    if freed > 0:
+                        wait = max(deadline - time.monotonic(), ADOPT_WAIT_S)
+                        if self._cond.wait_for(lambda: self._used + nbytes <= self.capacity, wait):
+                            break
                     if self._used + nbytes <= self.capacity:
                         break
                 remaining = deadline - time.monotonic()

@@ -192,6 +192,26 @@ def test_full_budget_is_backpressure_with_a_deadline(make_sender, hung_receiver)
         s.open(hung_receiver, "huge", Payload((2 << 20,))).put(0, bytes(2 << 20))
 
 
+def test_chunk_refused_for_backpressure_can_be_put_again(make_receiver, make_sender, hung_receiver, backend):
+    """A put that found no budget took nothing: the caller (vLLM's engine thread, which
+    puts with timeout 0 and comes back a step later) may put that chunk again. It used to
+    be remembered as submitted, and the retry failed with "submitted twice"."""
+    r = make_receiver()
+    s = make_sender(memory_budget=1 << 20, backend=backend)
+    hog = s.open(hung_receiver, "hog", Payload((1 << 20,)))
+    hog.put(0, bytes(1 << 20))  # the whole budget, held by a transfer that never gets a GRANT
+    data = os.urandom(1 << 20)
+    h = s.open(r.control_address, "retried", Payload((1 << 20,)))
+    with pytest.raises(Backpressure):
+        h.put(0, data, timeout=0)
+    hog.abort("make room")
+    _eventually(lambda: s.budget_used == 0)
+    h.put(0, data, timeout=0)
+    with r.wait("retried", timeout=10) as got:
+        assert bytes(got.view) == data
+    h.future.result(10)
+
+
 def test_bad_input_is_named(make_sender, hung_receiver):
     s = make_sender()
     h = s.open(hung_receiver, "bad", Payload((10, 10)))
