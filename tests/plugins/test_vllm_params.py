@@ -155,3 +155,27 @@ def test_bad_params_are_ignored_not_fatal() -> None:
     r = Req("x", {"do_remote_prefill": True})  # no transfer id
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)
     assert s.request_finished(r, [1]) == (False, None)
+
+
+def test_streamed_prefill_finishes_with_delay_free_and_tells_the_worker() -> None:
+    """Concurrent flow: a stream that fell behind still packs out of the request's blocks,
+    so vLLM must keep them until the worker reports the request (stream_finished); an
+    aborted stream's blocks are freed at once and the worker is told to stop instead."""
+    s = SchedulerSide(PluginConfig(side_port=5555, decode_receivers={"http://d:1": "tcp://d:2"}), "engine")
+    params = {"do_remote_decode": True, "transfer_id": "T1", "remote_decode_url": "http://d:1"}
+    r = Req("p1", dict(params), num_computed_tokens=0, status=Status.WAITING)
+    r.num_prompt_tokens = 100  # type: ignore[attr-defined]
+    s.update_state_after_alloc(r, ([1, 2, 3, 4],), 0)
+    meta = s.build_connector_meta({"p1": 100}, lambda rid: ([1, 2, 3, 4],))
+    assert [(x.transfer_id, x.done, x.total) for x in meta.streams] == [("T1", 100, 100)]
+    r.num_computed_tokens, r.status = 100, Status.FINISHED_LENGTH_CAPPED
+    delay, ans = s.request_finished(r, [1, 2, 3, 4])
+    assert delay is True and ans is not None and ans["transfer_id"] == "T1" and ans["remote_num_tokens"] == 100
+    assert s.build_connector_meta().stream_finished == [("T1", "p1")]
+    a = Req("p2", {**params, "transfer_id": "T2"}, num_computed_tokens=0, status=Status.WAITING)
+    a.num_prompt_tokens = 100  # type: ignore[attr-defined]
+    s.update_state_after_alloc(a, ([5],), 0)
+    a.status = Status.FINISHED_ABORTED
+    assert s.request_finished(a, [5]) == (False, None)
+    meta = s.build_connector_meta()
+    assert meta.stream_aborts == ["T2"] and meta.stream_finished == []

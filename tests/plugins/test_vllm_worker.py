@@ -267,3 +267,145 @@ def test_no_mixin_stub_shadows_an_implementation() -> None:
         if len(body) == 1 and isinstance(body[0], ast.Expr) and body[0].value.value is Ellipsis:  # type: ignore[attr-defined]
             stubs.append(f"{name} resolves to the stub {fn.__qualname__}")
     assert not stubs, stubs
+
+
+CHUNK = 2 * HEADS * BS * 2 * DIM * 2  # one whole block of both layers, bf16: a streamed chunk
+
+
+def _streaming_pair(**prefill: Any) -> tuple[WorkerSide, WorkerSide, Any, Any]:
+    """A prefill whose send budget holds one block chunk and a decode with room for one
+    three-block transfer: the second streamed prompt must wait (QUEUED) for the first."""
+    pc, dc = caches(1), caches(None)
+    d = WorkerSide(PluginConfig(side_port=free_port(), recv_timeout_s=20, receiver_capacity=3 * CHUNK),
+                   producer=False, consumer=True)
+    d.register(dc, kv_config())
+    p = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2, recv_timeout_s=20,
+                                sender_memory=CHUNK + CHUNK // 2, **prefill), producer=True, consumer=False)
+    p.register(pc, kv_config())
+    assert p.packer is not None and p.packer.packed_nbytes(0, BS) == CHUNK
+    return p, d, pc, dc
+
+
+def _forward_in_thread(p: WorkerSide, meta: StepMeta) -> bool:
+    """Run after_forward as vLLM's engine thread would; True if it returned within 5 s
+    (the sender's submit timeout is 10 s: a put that waits for budget would still be waiting)."""
+    import threading
+
+    t = threading.Thread(target=p.after_forward, args=(meta,), daemon=True)
+    t.start()
+    t.join(5)
+    return not t.is_alive()
+
+
+def test_stream_with_no_send_budget_left_never_blocks_the_engine_thread() -> None:
+    """Found by reading the streaming path: a chunk put on the engine thread waited up to
+    the sender's submit timeout (10 s) for send budget while its decode had no room, and
+    every other request on that prefill engine stalled with it. Now the engine thread
+    never waits: the stream falls behind, keeps its blocks (the request finished with
+    delay_free), and later steps pack the rest once the decode has room; the blocks are
+    released only after that."""
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    p, d, pc, dc = _streaming_pair()
+    try:
+        assert d.receiver is not None
+        addr = d.receiver.control_address
+        d.on_meta(StepMeta(recvs=[RecvSpec("d0", "S0", ((1, 2, 3),), 0, 3 * BS, None, None),
+                                  RecvSpec("d1", "S1", ((4, 5, 6),), 0, 3 * BS, None, None)]))
+        # S0 takes the decode's whole capacity and stays unfinished (one block of three).
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), BS, 3 * BS)]))
+        wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
+        # S1 is queued at the decode: its first chunk fills the send budget, its second has no room.
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p1", "S1", addr, ((10, 11, 12),), 3 * BS, 3 * BS)]))
+        assert p.stats()["counters"]["send_failed"] == 0
+        assert p.stats()["streams_behind"] >= 1 and p.stats()["counters"]["stream_deferred"] >= 1
+        # vLLM finishes p1 (delay_free): its blocks are still needed, so it is not reported.
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S1", "p1")]))
+        assert p.get_finished()[0] == set()
+        # S0's last step; every later step lets S1 catch up as the budget frees.
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), 3 * BS, 3 * BS)]))
+        sent: set[str] = set()
+        got: set[str] = set()
+
+        def step() -> bool:
+            sent.update(p.get_finished()[0])  # what the prefill engine's next steps call
+            _, recving, failed = d.get_finished()
+            assert not failed
+            got.update(recving)
+            return got == {"d0", "d1"} and "p1" in sent
+
+        wait_for(step, timeout=20)
+        assert "p0" not in sent  # never finished by the scheduler: never reported
+        for name in LAYERS:
+            for src, dst in zip((7, 8, 9, 10, 11, 12), (1, 2, 3, 4, 5, 6)):
+                assert torch.equal(pc[name][src], dc[name][dst])
+        assert wait_for(lambda: p.stats()["in_flight"] == 0 and p.stats()["sender_budget_used"] == 0)
+        assert p.stats()["streaming"] == 0 and p.stats()["streams_behind"] == 0
+        assert wait_for(lambda: d.stats()["receiver"]["reserved_bytes"] == 0)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_stream_that_fails_is_not_reopened_and_its_blocks_are_released() -> None:
+    """A stream whose transfer fails (here: rejected, larger than the decode's whole
+    receive pool) ends; the StreamSpecs the scheduler still sends do not open it afresh,
+    and its finish releases the blocks at once."""
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    p, d, _, _ = _streaming_pair()
+    try:
+        assert d.receiver is not None
+        addr = d.receiver.control_address
+        big = tuple(range(1, 5))  # four blocks: more than the decode's pool of three
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p2", "S2", addr, (big,), BS, 4 * BS)]))
+        assert wait_for(lambda: p.stats()["counters"]["send_failed"] == 1)
+        for _ in range(2):  # the next steps of the same prefill
+            assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p2", "S2", addr, (big,), 4 * BS, 4 * BS)]))
+        assert p.stats()["counters"]["send_failed"] == 1 and p.stats()["in_flight"] == 0
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S2", "p2")]))
+        assert p.get_finished()[0] == {"p2"}
+        assert p.stats()["streaming"] == 0 and p.stats()["sender_budget_used"] == 0
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_stream_backlog_spills_to_host_and_arrives_once_the_decode_has_room() -> None:
+    """The same backlog with a host spill tier: the chunk that finds no send budget is
+    copied out to the tier on the engine thread (bounded, no waiting) and goes once the
+    decode has room; both prompts' KV arrive intact."""
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    p, d, pc, dc = _streaming_pair(spill_host_bytes=4 * CHUNK)
+    try:
+        assert d.receiver is not None
+        addr = d.receiver.control_address
+        d.on_meta(StepMeta(recvs=[RecvSpec("d0", "S0", ((1, 2, 3),), 0, 3 * BS, None, None),
+                                  RecvSpec("d1", "S1", ((4, 5, 6),), 0, 3 * BS, None, None)]))
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), BS, 3 * BS)]))
+        wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p1", "S1", addr, ((10, 11, 12),), 3 * BS, 3 * BS)]))
+        assert p.stats()["counters"]["stream_deferred"] == 0
+        assert p.stats()["sender_spill"]["host_bytes"] > 0
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), 3 * BS, 3 * BS)]))
+        got: set[str] = set()
+
+        def both_arrived() -> bool:
+            _, recving, failed = d.get_finished()
+            assert not failed
+            got.update(recving)
+            return got == {"d0", "d1"}
+
+        wait_for(both_arrived, timeout=20)
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S0", "p0"), ("S1", "p1")]))
+        assert p.get_finished()[0] == {"p0", "p1"}  # both handed over already: released at once
+        for name in LAYERS:
+            for s, t in zip((7, 8, 9, 10, 11, 12), (1, 2, 3, 4, 5, 6)):
+                assert torch.equal(pc[name][s], dc[name][t])
+        assert wait_for(lambda: p.stats()["in_flight"] == 0 and p.stats()["sender_budget_used"] == 0)
+        assert p.stats()["sender_spill"]["host_bytes"] == 0
+        assert wait_for(lambda: d.stats()["receiver"]["reserved_bytes"] == 0)
+    finally:
+        p.shutdown()
+        d.shutdown()

@@ -86,7 +86,8 @@ class PdxferConnector(KVConnectorBase_V1):
         if self._worker is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
-        if isinstance(meta, PdxferConnectorMetadata) and (meta.step.streams or meta.step.stream_aborts):
+        if isinstance(meta, PdxferConnectorMetadata) and (meta.step.streams or meta.step.stream_aborts
+                                                                  or meta.step.stream_finished):
             self._worker.after_forward(meta.step)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

@@ -116,11 +116,14 @@ class SchedulerSide:
         if not p.do_remote_decode:
             return False, None
         stream = self._streams.pop(rid, None)
-        if stream is not None:  # concurrent flow: every chunk was packed in the last forward
+        if stream is not None:  # concurrent flow: usually every chunk was packed in the last forward
             _, tid, _, pushed = stream
             if _status_name(request) in _SENDABLE and pushed >= int(request.num_prompt_tokens):
-                return False, {"transfer_id": tid, "do_remote_prefill": True, "do_remote_decode": False,
-                               "remote_num_tokens": pushed, "pdxfer": 1}
+                # delay_free: a stream that fell behind (no send budget) still packs out of
+                # these blocks; the worker reports the request once it no longer does.
+                self._meta.stream_finished.append((tid, rid))
+                return True, {"transfer_id": tid, "do_remote_prefill": True, "do_remote_decode": False,
+                              "remote_num_tokens": pushed, "pdxfer": 1}
             self._meta.stream_aborts.append(tid)
             return False, None
         groups = as_groups(block_ids) if block_ids else ((),)

@@ -5,32 +5,59 @@ The scheduler side sends a `StreamSpec` per step (tokens done so far, block tabl
 first one opens the transfer with the whole prompt's chunk sizes (known up front: one
 chunk per block, `meta.chunk_ranges`), so the decode's Receiver reserves everything
 before the first byte moves. Every chunk is packed out of the blocks during the step
-that completed it, so by the time vLLM finishes the request nothing is left to copy
-and its blocks are freed at once (no lease on the prefill side at all).
+that completed it, so usually nothing is left to copy by the time vLLM finishes the
+request.
+
+All of this runs on vLLM's engine thread, which must never wait on the network, so a
+chunk is put without waiting for send budget (a spill tier, if configured, takes what
+the budget cannot). A chunk that finds no room is not packed yet: the stream falls
+*behind*, and its remaining chunks are packed and put from later steps (every step
+calls `get_finished`, forward or not) as the budget frees. Meanwhile the request's
+blocks stay allocated: the scheduler finishes a streamed request with delay_free, names
+it in `stream_finished`, and the worker reports it in finished_sending only once every
+chunk is out of its blocks. Chunks of a transfer the decode has not granted yet may take
+half the budget at most, so they cannot starve the granted transfers whose completion
+makes room at the decode. Backpressure thus becomes KV-block pressure, which vLLM's
+scheduler already handles by admitting fewer new prompts; nothing fails, nothing waits,
+and memory stays bounded by the budget. A stream whose decode never makes room ends at
+its transfer's deadline (recv_timeout_s) like any other transfer.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 import torch
 
+from pdxfer.errors import Backpressure
 from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.meta import StepMeta, StreamSpec, chunk_ranges
 
 if TYPE_CHECKING:
+    from pdxfer.engine import Sender
     from pdxfer.pack import Packer
 
 log = structlog.get_logger("pdxfer.vllm.stream")
+
+_ENDED_REMEMBERED = 4096  # ended streams remembered, so late StreamSpecs do not reopen them
 
 
 @dataclass
 class _Stream:
     handle: Any
+    req_id: str
     ranges: list[tuple[int, int]]
     next: int = 0
+    tables: list[list[int]] | None = None  # the latest block table the scheduler sent
+    ready: int = 0  # tokens whose chunks may be packed
+    behind: bool = False  # a ready chunk could not go yet: later steps pack the rest
+    deferred: bool = False  # it fell behind at least once (counted once)
+    finished: bool = False  # the scheduler finished the request (its blocks wait for us)
 
 
 class StreamingMixin:
@@ -38,11 +65,16 @@ class StreamingMixin:
 
     packer: "Packer | None"
     counters: Counters
+    _lock: threading.Condition
+    _done_sending: set[str]
     _streams: dict[str, _Stream]
+    _ended_streams: "collections.OrderedDict[str, str]"  # tid -> why it ended
     _in_flight: dict[str, tuple[Any, list[torch.Tensor]]]
 
     # provided by WorkerSide
     block_size: int
+    _spills: bool  # the sender has a spill tier
+    sender: "Sender | None"
 
     def _round(self, t1: int) -> int: ...  # pragma: no cover
 
@@ -51,40 +83,105 @@ class StreamingMixin:
     def after_forward(self, meta: StepMeta) -> None:
         """Concurrent flow: pack and put every chunk whose tokens this forward completed,
         while the prefill's later chunks are still to be computed."""
-        for tid in meta.stream_aborts:
-            st = self._streams.pop(tid, None)
-            if st is not None:
-                st.handle.abort("prefill request aborted")
+        for tid in meta.stream_aborts:  # the scheduler freed the blocks already: never pack again
+            self._end_stream(tid, "prefill request aborted")
         for s in meta.streams:
-            try:
-                self._stream_step(s)
-            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the engine
-                log.error("pdxfer_stream_failed", transfer_id=s.transfer_id, error=repr(exc))
-                st = self._streams.pop(s.transfer_id, None)
-                if st is not None:
-                    st.handle.abort(f"stream failed: {exc}")
+            self._guarded(s.transfer_id, functools.partial(self._stream_step, s))
+        for tid, req_id in meta.stream_finished:
+            self._stream_finished(tid, req_id)
+
+    def catch_up(self) -> None:
+        """Every step (from get_finished): put what streams that fell behind can put now."""
+        for tid in [t for t, st in self._streams.items() if st.behind]:
+            self._guarded(tid, functools.partial(self._advance, tid))
+
+    def _guarded(self, tid: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the engine
+            log.error("pdxfer_stream_failed", transfer_id=tid, error=repr(exc))
+            self._end_stream(tid, f"stream failed: {exc}")
+
+    def _stream_finished(self, tid: str, req_id: str) -> None:
+        """The scheduler finished the request with delay_free: free its blocks once no
+        chunk is left to pack: now, unless the stream is behind (or never seen: nothing
+        of ours reads those blocks then, and holding them would leak them)."""
+        st = self._streams.get(tid)
+        if st is not None:
+            st.finished = True
+            return
+        with self._lock:
+            self._done_sending.add(req_id)
+
+    def _end_stream(self, tid: str, why: str | None) -> None:
+        """No more chunks for `tid`: abort its transfer unless `why` is None (every chunk
+        was handed over), and remember (bounded) that it ended, so the StreamSpecs the
+        scheduler still sends for it do not open it afresh, and its finish frees blocks."""
+        st = self._streams.pop(tid, None)
+        if st is not None and why is not None:
+            st.handle.abort(why)
+        if tid not in self._ended_streams:
+            self._ended_streams[tid] = why or "handed over"
+        if st is not None and st.finished:
+            with self._lock:
+                self._done_sending.add(st.req_id)
+        while len(self._ended_streams) > _ENDED_REMEMBERED:
+            self._ended_streams.popitem(last=False)
+
+    def _fall_behind(self, tid: str, st: _Stream, why: str) -> None:
+        st.behind = True
+        if not st.deferred:
+            st.deferred = True
+            self.counters.inc("stream_deferred")
+            log.info("pdxfer_stream_behind", transfer_id=tid, chunk=st.next, of=len(st.ranges), why=why,
+                     hint="later steps pack the rest; the request's blocks stay held until then")
 
     def _stream_step(self, s: StreamSpec) -> None:
         assert self.packer is not None
+        if s.transfer_id in self._ended_streams:
+            return  # handed over already, or failed: its decode knows
         st = self._streams.get(s.transfer_id)
         if st is None:
-            if s.transfer_id in self._in_flight:
-                return  # already fully handed over
             ranges = chunk_ranges(0, self._round(s.total), self.block_size)
             handle = self._open(s.transfer_id, s.peer, [self.packer.packed_nbytes(a, b) for a, b in ranges])
             if isinstance(handle, str):
                 raise RuntimeError(handle)
-            st = self._streams[s.transfer_id] = _Stream(handle, ranges)
-        tables = [list(g) for g in s.block_ids]
-        ready = self._round(s.done) if s.done >= s.total else s.done
-        while st.next < len(st.ranges) and st.ranges[st.next][1] <= ready:
-            a, b = st.ranges[st.next]
-            if s.done < s.total:
-                self.counters.inc("streamed_early")  # packed while the prefill still runs
-            c = self.packer.pack(tables, a, b)
-            self._in_flight[s.transfer_id][1].append(c)
-            st.handle.put(st.next, c.numpy())
-            st.next += 1
-        if st.next == len(st.ranges):
-            del self._streams[s.transfer_id]
+            st = self._streams[s.transfer_id] = _Stream(handle, s.req_id, ranges)
+        st.tables = [list(g) for g in s.block_ids]
+        st.ready = self._round(s.done) if s.done >= s.total else s.done
+        self._advance(s.transfer_id, early=s.done < s.total)
 
+    def _advance(self, tid: str, *, early: bool = False) -> None:
+        """Pack and put the stream's ready chunks in order, until one finds no budget."""
+        assert self.packer is not None
+        st = self._streams[tid]
+        if st.handle.future.done():  # failed on its own (decode lost, deadline): no more packing
+            exc = st.handle.future.exception()
+            raise exc if exc is not None else RuntimeError("transfer ended before its last chunk")
+        assert st.tables is not None and self.sender is not None
+        budget = self.sender.budget
+        while st.next < len(st.ranges) and st.ranges[st.next][1] <= st.ready:
+            a, b = st.ranges[st.next]
+            if not (self._spills or st.handle.granted) and budget.used + self.packer.packed_nbytes(a, b) > budget.capacity // 2:
+                # Not reserved at the decode yet: such chunks would sit in the budget and,
+                # with the decode full, starve the granted transfers whose completion makes
+                # room there (a deadlock until deadlines). So they may hold half of it at
+                # most; a spill tier instead takes them out of the budget under pressure.
+                self._fall_behind(tid, st, "send budget half full, transfer not granted yet")
+                return
+            c = self.packer.pack(st.tables, a, b)
+            held = self._in_flight.get(tid)
+            if held is None:  # the transfer ended just now (its future's callback ran)
+                raise RuntimeError("transfer ended before its last chunk")
+            try:
+                st.handle.put(st.next, c.numpy(), timeout=0)  # never wait on the engine thread
+            except Backpressure:  # SpillExhausted too: no tier had room either
+                self._fall_behind(tid, st, "send budget full")
+                return  # the packed copy is dropped: packed again once there is room
+            held[1].append(c)
+            if early:
+                self.counters.inc("streamed_early")  # packed while the prefill still runs
+            st.next += 1
+        st.behind = False
+        if st.next == len(st.ranges):
+            self._end_stream(tid, None)

@@ -63,11 +63,13 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
         self._done_sending: set[str] = set()  # req ids whose blocks vLLM may free
         self._in_flight: dict[str, tuple[Any, list[torch.Tensor]]] = {}  # tid -> (handle, packed chunks)
         self._streams: dict[str, _Stream] = {}  # tid -> streaming prefill being pushed
+        self._ended_streams: collections.OrderedDict[str, str] = collections.OrderedDict()  # tid -> why
         self._jobs: dict[str, _RecvJob] = {}  # decode req id -> receive
         self._load_errors: set[int] = set()
         self.whole_blocks = False
+        self._spills = False  # the sender has a spill tier (set in register)
         self.counters = Counters("sent", "send_failed", "expired", "dropped", "received", "recv_failed",
-                                 "streamed_early")
+                                 "streamed_early", "stream_deferred")
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, kv_caches: Mapping[str, Any], kv_cache_config: Any) -> None:
@@ -90,6 +92,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
                                                     control_port=self.cfg.receiver_port,
                                                     lease_s=self.cfg.receiver_lease_s,
                                                     ucx=dict(self.cfg.ucx))).start()
+        self._spills = self.cfg.spill_host_bytes > 0 or self.cfg.spill_disk_bytes > 0
         if self.sender is not None:
             # Concurrent flow: lanes to the configured decode receivers are set up now, so
             # the first streamed prefill does not wait for HELLO round trips (under load
@@ -140,6 +143,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
 
     def get_finished(self) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
+        self.catch_up()  # every step, forward or not: streams behind put what they can now
         now = time.time()
         with self._lock:
             for tid, s in list(self._held.items()):
@@ -286,6 +290,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
             held = len(self._held)
         out: dict[str, Any] = {"held": held, "in_flight": len(self._in_flight), "receiving": len(self._jobs),
                                "streaming": len(self._streams),
+                               "streams_behind": sum(1 for s in list(self._streams.values()) if s.behind),
                                "counters": self.counters.snapshot()}
         if self.sender is not None:
             out["sender_budget_used"] = self.sender.budget_used
