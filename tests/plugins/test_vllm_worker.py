@@ -297,6 +297,23 @@ def _forward_in_thread(p: WorkerSide, meta: StepMeta) -> bool:
     return not t.is_alive()
 
 
+def _backlog(p: WorkerSide, d: WorkerSide) -> str:
+    """Stream S0 (decode d0) takes the decode's whole capacity and stays unfinished (one
+    block of three computed); then S1 (d1) streams a whole prompt while the decode has
+    no room: queued there, its first chunk fills the send budget. Returns the decode's
+    Receiver address."""
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    assert d.receiver is not None
+    addr = d.receiver.control_address
+    d.on_meta(StepMeta(recvs=[RecvSpec("d0", "S0", ((1, 2, 3),), 0, 3 * BS, None, None),
+                              RecvSpec("d1", "S1", ((4, 5, 6),), 0, 3 * BS, None, None)]))
+    assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), BS, 3 * BS)]))
+    wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
+    assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p1", "S1", addr, ((10, 11, 12),), 3 * BS, 3 * BS)]))
+    return addr
+
+
 def test_stream_with_no_send_budget_left_never_blocks_the_engine_thread() -> None:
     """Found by reading the streaming path: a chunk put on the engine thread waited up to
     the sender's submit timeout (10 s) for send budget while its decode had no room, and
@@ -308,15 +325,7 @@ def test_stream_with_no_send_budget_left_never_blocks_the_engine_thread() -> Non
 
     p, d, pc, dc = _streaming_pair()
     try:
-        assert d.receiver is not None
-        addr = d.receiver.control_address
-        d.on_meta(StepMeta(recvs=[RecvSpec("d0", "S0", ((1, 2, 3),), 0, 3 * BS, None, None),
-                                  RecvSpec("d1", "S1", ((4, 5, 6),), 0, 3 * BS, None, None)]))
-        # S0 takes the decode's whole capacity and stays unfinished (one block of three).
-        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), BS, 3 * BS)]))
-        wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
-        # S1 is queued at the decode: its first chunk fills the send budget, its second has no room.
-        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p1", "S1", addr, ((10, 11, 12),), 3 * BS, 3 * BS)]))
+        addr = _backlog(p, d)
         assert p.stats()["counters"]["send_failed"] == 0
         assert p.stats()["streams_behind"] >= 1 and p.stats()["counters"]["stream_deferred"] >= 1
         # vLLM finishes p1 (delay_free): its blocks are still needed, so it is not reported.
@@ -379,13 +388,7 @@ def test_stream_backlog_spills_to_host_and_arrives_once_the_decode_has_room() ->
 
     p, d, pc, dc = _streaming_pair(spill_host_bytes=4 * CHUNK)
     try:
-        assert d.receiver is not None
-        addr = d.receiver.control_address
-        d.on_meta(StepMeta(recvs=[RecvSpec("d0", "S0", ((1, 2, 3),), 0, 3 * BS, None, None),
-                                  RecvSpec("d1", "S1", ((4, 5, 6),), 0, 3 * BS, None, None)]))
-        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), BS, 3 * BS)]))
-        wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
-        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p1", "S1", addr, ((10, 11, 12),), 3 * BS, 3 * BS)]))
+        addr = _backlog(p, d)
         assert p.stats()["counters"]["stream_deferred"] == 0
         assert p.stats()["sender_spill"]["host_bytes"] > 0
         assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), 3 * BS, 3 * BS)]))
