@@ -259,9 +259,10 @@ def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.fut
     state that stays until the test itself moves on:
 
     1. the decode's Receiver is full, so the streamed transfer's RESERVE waits in its
-       queue; the prefill computes its first chunks, and with its sender's budget full
-       (PREFILL2_SENDER_BLOCKS: a few blocks of the 60, none can leave before GRANT) its
-       engine waits in put(), mid-prefill;
+       queue; the prefill computes its chunks, but with its sender's budget tiny
+       (PREFILL2_SENDER_BLOCKS: a few blocks of the 60, none can leave before GRANT) the
+       stream falls behind: its blocks stay held (delay_free) while the engine goes on,
+       so the prefill's own reply may come before the KV moves;
     2. the prefill server is frozen (SIGSTOP to its process group), then the room is
        given back: the decode grants the queued transfer, and the frozen prefill cannot
        send a byte of it, so it stays granted and incomplete;
@@ -277,7 +278,6 @@ def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.fut
         _wait_for(lambda: _receiver(dec)["waiting_count"] == 1, 30, "the streamed transfer did not queue at the decode")
         os.killpg(pf.pid, signal.SIGSTOP)
         try:
-            assert not p_leg.done(), p_leg.result()  # its prefill cannot end before the transfer moves
             give_room()
             _wait_for(lambda: _only_stream_granted(_receiver(dec)), 30,
                       "the decode did not grant the streamed transfer")
