@@ -289,6 +289,35 @@ def _kill_mid_transfer(pf: PdxferServer, dec: PdxferServer, pool: concurrent.fut
     return d_leg, p_leg
 
 
+def test_stream_behind_its_budget_catches_up_after_the_prefill_answered(servers: dict[str, VllmServer]) -> None:
+    """Concurrent flow with the decode full: prefill2's tiny send budget cannot take the
+    prompt's blocks before the GRANT, so its stream falls behind while vLLM finishes the
+    prefill and answers (delay_free keeps the blocks). Once the decode has room, the
+    engine's later steps, with no forward left to run, pack and send the rest: the
+    decode answers what a single instance does, and every block is freed afterwards."""
+    pf, dec = servers["prefill2"], servers["decode"]
+    assert isinstance(dec, PdxferServer) and isinstance(pf, PdxferServer)
+    rng = random.Random(7100)
+    prompt = [rng.randint(10, 249) for _ in range(STREAM_TOKENS // 2)]
+    st, want = completion(servers["ref"], prompt, 12)
+    assert st == 200
+    deferred = pf.stats()["counters"]["stream_deferred"]
+    tid = f"behind-{time.monotonic_ns()}"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, _receiver_filled(dec, leave=0) as give_room:
+        d_leg = pool.submit(completion, dec, prompt, 12, {"do_remote_prefill": True, "transfer_id": tid}, 90)
+        st, out = completion(pf, prompt, 1, {"do_remote_decode": True, "transfer_id": tid,
+                                            "remote_decode_url": dec.url}, 60)
+        assert st == 200, out  # the prefill answered; its stream is still behind, nothing granted
+        assert pf.stats()["streams_behind"] == 1 and _receiver(dec)["waiting_count"] == 1
+        assert not d_leg.done(), d_leg.result()
+        give_room()
+        st, out = d_leg.result(90)
+    assert st == 200, out
+    assert out["choices"][0]["text"] == want["choices"][0]["text"]
+    assert pf.stats()["counters"]["stream_deferred"] == deferred + 1
+    assert_no_leaks(*_pdx(servers, "prefill2", "decode"))  # kv_cache_usage_perc 0: the held blocks are freed
+
+
 def test_killed_prefill_fails_or_recomputes_and_decode_keeps_serving(servers: dict[str, VllmServer],
                                                                    tiny_model_dir: Path) -> None:
     """SIGKILL a prefill server while it streams one request's KV (concurrent flow, the
