@@ -171,7 +171,7 @@ def test_streamed_prefill_finishes_with_delay_free_and_tells_the_worker() -> Non
     r.num_computed_tokens, r.status = 100, Status.FINISHED_LENGTH_CAPPED
     delay, ans = s.request_finished(r, [1, 2, 3, 4])
     assert delay is True and ans is not None and ans["transfer_id"] == "T1" and ans["remote_num_tokens"] == 100
-    assert s.build_connector_meta().stream_finished == [("T1", "p1")]
+    assert s.build_connector_meta().stream_finished == [("T1", "p1", ((1, 2, 3, 4),))]
     a = Req("p2", {**params, "transfer_id": "T2"}, num_computed_tokens=0, status=Status.WAITING)
     a.num_prompt_tokens = 100  # type: ignore[attr-defined]
     s.update_state_after_alloc(a, ([5],), 0)

@@ -329,10 +329,12 @@ def test_stream_with_no_send_budget_left_never_blocks_the_engine_thread() -> Non
         assert p.stats()["counters"]["send_failed"] == 0
         assert p.stats()["streams_behind"] >= 1 and p.stats()["counters"]["stream_deferred"] >= 1
         # vLLM finishes p1 (delay_free): its blocks are still needed, so it is not reported.
-        assert _forward_in_thread(p, StepMeta(stream_finished=[("S1", "p1")]))
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S1", "p1", ((10, 11, 12),))]))
         assert p.get_finished()[0] == set()
-        # S0's last step; every later step lets S1 catch up as the budget frees.
+        # S0's last step, and vLLM finishes p0 too; every later step lets the streams still
+        # behind catch up as the budget frees.
         assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), 3 * BS, 3 * BS)]))
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S0", "p0", ((7, 8, 9),))]))
         sent: set[str] = set()
         got: set[str] = set()
 
@@ -341,10 +343,9 @@ def test_stream_with_no_send_budget_left_never_blocks_the_engine_thread() -> Non
             _, recving, failed = d.get_finished()
             assert not failed
             got.update(recving)
-            return got == {"d0", "d1"} and "p1" in sent
+            return got == {"d0", "d1"} and sent == {"p0", "p1"}
 
         wait_for(step, timeout=20)
-        assert "p0" not in sent  # never finished by the scheduler: never reported
         for name in LAYERS:
             for src, dst in zip((7, 8, 9, 10, 11, 12), (1, 2, 3, 4, 5, 6)):
                 assert torch.equal(pc[name][src], dc[name][dst])
@@ -372,7 +373,7 @@ def test_stream_that_fails_is_not_reopened_and_its_blocks_are_released() -> None
         for _ in range(2):  # the next steps of the same prefill
             assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p2", "S2", addr, (big,), 4 * BS, 4 * BS)]))
         assert p.stats()["counters"]["send_failed"] == 1 and p.stats()["in_flight"] == 0
-        assert _forward_in_thread(p, StepMeta(stream_finished=[("S2", "p2")]))
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S2", "p2", (big,))]))
         assert p.get_finished()[0] == {"p2"}
         assert p.stats()["streaming"] == 0 and p.stats()["sender_budget_used"] == 0
     finally:
@@ -401,7 +402,7 @@ def test_stream_backlog_spills_to_host_and_arrives_once_the_decode_has_room() ->
             return got == {"d0", "d1"}
 
         wait_for(both_arrived, timeout=20)
-        assert _forward_in_thread(p, StepMeta(stream_finished=[("S0", "p0"), ("S1", "p1")]))
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S0", "p0", ((7, 8, 9),)), ("S1", "p1", ((10, 11, 12),))]))
         assert p.get_finished()[0] == {"p0", "p1"}  # both handed over already: released at once
         for name in LAYERS:
             for s, t in zip((7, 8, 9, 10, 11, 12), (1, 2, 3, 4, 5, 6)):
@@ -409,6 +410,45 @@ def test_stream_backlog_spills_to_host_and_arrives_once_the_decode_has_room() ->
         assert wait_for(lambda: p.stats()["in_flight"] == 0 and p.stats()["sender_budget_used"] == 0)
         assert p.stats()["sender_spill"]["host_bytes"] == 0
         assert wait_for(lambda: d.stats()["receiver"]["reserved_bytes"] == 0)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_stream_behind_packs_from_the_blocks_it_finished_with() -> None:
+    """A running request's blocks can be preempted and reused between its steps, so a
+    stream that is behind must not pack from an old block table in between: it catches
+    up only from a fresh StreamSpec, or from the table the request finished with (those
+    blocks are pinned until the worker reports it). Here the finish names other blocks
+    than the last StreamSpec, as after a preemption and recompute; they are what arrives."""
+    from pdxfer.plugins.vllm.meta import StreamSpec
+
+    p, d, pc, dc = _streaming_pair()
+    try:
+        assert d.receiver is not None
+        addr = d.receiver.control_address
+        d.on_meta(StepMeta(recvs=[RecvSpec("d3", "S3", ((1, 2, 3),), 0, 3 * BS, None, None)]))
+        assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p3", "S3", addr, ((4, 5, 6),), 3 * BS, 3 * BS)]))
+        assert p.stats()["streams_behind"] == 1  # not granted yet: not even one chunk fits half the budget
+        wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
+        for _ in range(5):  # steps without a StreamSpec for it (preempted, say): nothing is packed
+            assert p.get_finished()[0] == set()
+        assert p.stats()["streams_behind"] == 1 and p.stats()["sender_budget_used"] == 0
+        assert _forward_in_thread(p, StepMeta(stream_finished=[("S3", "p3", ((13, 14, 15),))]))
+        sent: set[str] = set()
+        got: set[str] = set()
+
+        def step() -> bool:
+            sent.update(p.get_finished()[0])
+            _, recving, failed = d.get_finished()
+            assert not failed
+            got.update(recving)
+            return sent == {"p3"} and got == {"d3"}
+
+        wait_for(step, timeout=20)
+        for name in LAYERS:
+            for src, dst in zip((13, 14, 15), (1, 2, 3)):
+                assert torch.equal(pc[name][src], dc[name][dst])
     finally:
         p.shutdown()
         d.shutdown()

@@ -71,9 +71,9 @@ class StepMeta:
     drops: list[DropSpec] = field(default_factory=list)
     streams: list[StreamSpec] = field(default_factory=list)
     stream_aborts: list[str] = field(default_factory=list)  # transfer ids of aborted prefills
-    # (transfer id, req id) of streamed prefills vLLM finished with delay_free: report each
-    # in finished_sending once no chunk of it is left to pack out of its blocks
-    stream_finished: list[tuple[str, str]] = field(default_factory=list)
+    # (transfer id, req id, its blocks now) of streamed prefills vLLM finished with
+    # delay_free: report each in finished_sending once no chunk is left to pack out of them
+    stream_finished: list[tuple[str, str, Blocks]] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.sends or self.recvs or self.cancels or self.drops or self.streams or self.stream_aborts

@@ -121,7 +121,7 @@ class SchedulerSide:
             if _status_name(request) in _SENDABLE and pushed >= int(request.num_prompt_tokens):
                 # delay_free: a stream that fell behind (no send budget) still packs out of
                 # these blocks; the worker reports the request once it no longer does.
-                self._meta.stream_finished.append((tid, rid))
+                self._meta.stream_finished.append((tid, rid, as_groups(block_ids) if block_ids else ((),)))
                 return True, {"transfer_id": tid, "do_remote_prefill": True, "do_remote_decode": False,
                               "remote_num_tokens": pushed, "pdxfer": 1}
             self._meta.stream_aborts.append(tid)

@@ -87,12 +87,16 @@ class StreamingMixin:
             self._end_stream(tid, "prefill request aborted")
         for s in meta.streams:
             self._guarded(s.transfer_id, functools.partial(self._stream_step, s))
-        for tid, req_id in meta.stream_finished:
-            self._stream_finished(tid, req_id)
+        for tid, req_id, blocks in meta.stream_finished:
+            self._stream_finished(tid, req_id, blocks)
 
     def catch_up(self) -> None:
-        """Every step (from get_finished): put what streams that fell behind can put now."""
-        for tid in [t for t, st in self._streams.items() if st.behind]:
+        """Every step (from get_finished): put what finished streams that fell behind can
+        put now. Only finished ones: their blocks are pinned (delay_free) and their block
+        table came with the finish. A running request's blocks may be preempted and
+        reused between its steps, so a stream still prefilling catches up only from its
+        next StreamSpec, whose table is that step's."""
+        for tid in [t for t, st in self._streams.items() if st.behind and st.finished]:
             self._guarded(tid, functools.partial(self._advance, tid))
 
     def _guarded(self, tid: str, step: Callable[[], None]) -> None:
@@ -102,13 +106,15 @@ class StreamingMixin:
             log.error("pdxfer_stream_failed", transfer_id=tid, error=repr(exc))
             self._end_stream(tid, f"stream failed: {exc}")
 
-    def _stream_finished(self, tid: str, req_id: str) -> None:
+    def _stream_finished(self, tid: str, req_id: str, blocks: Any) -> None:
         """The scheduler finished the request with delay_free: free its blocks once no
         chunk is left to pack: now, unless the stream is behind (or never seen: nothing
         of ours reads those blocks then, and holding them would leak them)."""
         st = self._streams.get(tid)
         if st is not None:
             st.finished = True
+            if any(blocks):
+                st.tables = [list(g) for g in blocks]  # what the blocks are now, pinned until we report
             return
         with self._lock:
             self._done_sending.add(req_id)
