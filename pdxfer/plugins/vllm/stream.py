@@ -11,11 +11,13 @@ request.
 All of this runs on vLLM's engine thread, which must never wait on the network, so a
 chunk is put without waiting for send budget (a spill tier, if configured, takes what
 the budget cannot). A chunk that finds no room is not packed yet: the stream falls
-*behind*, and its remaining chunks are packed and put from later steps (every step
-calls `get_finished`, forward or not) as the budget frees. Meanwhile the request's
-blocks stay allocated: the scheduler finishes a streamed request with delay_free, names
-it in `stream_finished`, and the worker reports it in finished_sending only once every
-chunk is out of its blocks. Chunks of a transfer the decode has not granted yet may take
+*behind*, and its remaining chunks are packed and put later, as the budget frees: from
+the request's next StreamSpec while it still prefills (that step's block table: between
+steps a running request's blocks may be preempted and reused), and once it finished,
+from every step's `get_finished` (vLLM calls it every step, forward or not). The
+scheduler finishes a streamed request with delay_free and names it, with its block table,
+in `stream_finished`; those blocks stay allocated until the worker reports the request
+in finished_sending, once every chunk is out of them. Chunks of a transfer the decode has not granted yet may take
 half the budget at most, so they cannot starve the granted transfers whose completion
 makes room at the decode. Backpressure thus becomes KV-block pressure, which vLLM's
 scheduler already handles by admitting fewer new prompts; nothing fails, nothing waits,
