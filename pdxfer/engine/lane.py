@@ -333,6 +333,7 @@ class Lane:
             ctx.extra["addr"] = msg.addr
             out.on(OutEvent.RECV_GRANT)
             ctx.granted_at = self._loop.time()
+            ctx.granted.set()
             self.chunks_ready(ctx)
         elif isinstance(msg, m.Reject):
             self.fail(ctx, rejection_error(msg, tid=out.tid, state=out.state.value, peer=self.address),

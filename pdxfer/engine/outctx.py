@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,3 +35,5 @@ class OutCtx:
     timer: asyncio.TimerHandle | None = None
     granted_at: float | None = None
     extra: dict = field(default_factory=dict)
+    # set once the receiver granted the transfer, or it ended (threads may wait on it)
+    granted: threading.Event = field(default_factory=threading.Event)

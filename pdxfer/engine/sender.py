@@ -114,6 +114,11 @@ class OutboundHandle:
         now drain on their own. Read from any thread; a snapshot of the loop's state."""
         return self._ctx.out.state not in _BEFORE_GRANT
 
+    def wait_granted(self, timeout: float) -> bool:
+        """Block until `granted` (True) or `timeout` (False): a caller that would copy
+        its chunks out of somewhere (packing KV blocks) can do so only once they can go."""
+        return self._ctx.granted.wait(timeout)
+
 
 class Sender:
     def __init__(self, config: SenderConfig | None = None, **overrides: Any) -> None:
@@ -296,6 +301,7 @@ class Sender:
         fut.add_done_callback(lambda _f: self._forget_id(transfer_id))
         ctx = OutCtx(OutboundTransfer(transfer_id, peer, payload), fut, deadline=0.0, started=0.0,
                      log=log.bind(transfer_id=transfer_id, peer=peer))
+        fut.add_done_callback(lambda _f: ctx.granted.set())  # ended: nobody waits for a GRANT any more
         self._rt.call(self._begin, ctx, self.config.deadline_s if deadline_s is None else deadline_s)
         return OutboundHandle(self, ctx)
 

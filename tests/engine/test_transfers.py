@@ -212,6 +212,19 @@ def test_chunk_refused_for_backpressure_can_be_put_again(make_receiver, make_sen
     h.future.result(10)
 
 
+def test_wait_granted_returns_at_the_grant_or_at_the_end(make_receiver, make_sender, hung_receiver, backend):
+    s = make_sender(backend=backend)
+    stuck = s.open(hung_receiver, "stuck-grant", Payload((4096,)))
+    assert not stuck.wait_granted(0.2) and not stuck.granted
+    stuck.abort("gave up")
+    assert stuck.wait_granted(5)  # ended: nobody should wait on it any more
+    r = make_receiver()
+    h = s.open(r.control_address, "gets-grant", Payload((4096,)))
+    assert h.wait_granted(10) and h.granted and not h.future.done()  # granted before any chunk
+    h.put(0, bytes(4096))
+    h.future.result(10)
+
+
 def test_bad_input_is_named(make_sender, hung_receiver):
     s = make_sender()
     h = s.open(hung_receiver, "bad", Payload((10, 10)))

@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from pdxfer.layout.payload import Payload  # noqa: E402
 from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, SendSpec, StepMeta  # noqa: E402
 from pdxfer.plugins.vllm.sidechannel import side_request  # noqa: E402
 from pdxfer.plugins.vllm.worker import WorkerSide  # noqa: E402
@@ -450,5 +451,44 @@ def test_stream_behind_packs_from_the_blocks_it_finished_with() -> None:
             for src, dst in zip((13, 14, 15), (1, 2, 3)):
                 assert torch.equal(pc[name][src], dc[name][dst])
     finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_pull_into_a_full_decode_ties_up_neither_the_side_channel_nor_memory() -> None:
+    """Sequential flow, decode full: the push is answered at once (other decodes' pushes,
+    drops and stats go on over the side channel), nothing is packed before the decode
+    grants the transfer (then one chunk at a time, as the send budget takes it; it was all
+    of them up front), and once the decode has room the KV arrives and the held blocks
+    are released."""
+    from pdxfer.engine import Sender, SenderConfig
+
+    p, d, pc, dc = _streaming_pair()
+    filler = Sender(SenderConfig(deadline_s=60)).start()
+    try:
+        assert d.receiver is not None
+        room = filler.open(d.receiver.control_address, "room", Payload((3 * CHUNK,)))
+        wait_for(lambda: d.stats()["receiver"]["granted_count"] == 1)
+        p.on_meta(StepMeta(sends=[SendSpec("preq", "TP", ((4, 5, 6),), 3 * BS, time.time() + 30)]))
+        push = {"op": "push", "transfer_id": "TP", "receiver": d.receiver.control_address, "t0": 0, "t1": 3 * BS}
+        reply = side_request(d._zctx, p.cfg.side_host, p.cfg.side_port, push, 2, 5)
+        assert reply == {"ok": True, "nbytes": 3 * CHUNK}
+        assert wait_for(lambda: d.stats()["receiver"]["waiting_count"] == 1)
+        for _ in range(3):  # the side channel still answers while the push waits for budget
+            st = side_request(d._zctx, p.cfg.side_host, p.cfg.side_port, {"op": "stats"}, 2, 5)
+            assert st["ok"] and st["in_flight"] == 1
+            assert p._in_flight["TP"][1] == [] and p.stats()["sender_budget_used"] == 0  # none packed before GRANT
+            assert p.get_finished()[0] == set()  # the blocks are still being read
+        room.abort("room for the pull")
+        d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "TP", ((1, 2, 3),), 0, 3 * BS, None, None)]))
+        _, recving, failed = collect(d, timeout=20)
+        assert recving == {"dreq"} and not failed
+        assert wait_for(lambda: p.get_finished()[0]) == {"preq"}
+        for name in LAYERS:
+            for src, dst in zip((4, 5, 6), (1, 2, 3)):
+                assert torch.equal(pc[name][src], dc[name][dst])
+        assert wait_for(lambda: p.stats()["in_flight"] == 0 and p.stats()["sender_budget_used"] == 0)
+    finally:
+        filler.close()
         p.shutdown()
         d.shutdown()

@@ -2,10 +2,11 @@
 
 Prefill, sequential flow: blocks of a finished request are held (a `SendSpec` with a
 lease) until a decode asks, over the side channel, for a push to its Receiver; the worker
-then packs the token range out of the paged cache (one chunk per block, see
-`meta.chunk_ranges`), reports the request as `finished_sending` at once (vLLM may reuse
-the blocks: the bytes now live in the packed buffers), and hands the chunks to the
-Sender, which keeps them until the transfer ends. Concurrent flow: see `stream.py`.
+opens the transfer and answers, then (in its pool) packs the token range out of the paged
+cache one chunk per block (`meta.chunk_ranges`), each as the send budget takes it, and
+reports the request as `finished_sending` once the last chunk is out of the blocks (vLLM
+may reuse them then: the bytes live in the packed buffers, which the Sender keeps until
+the transfer ends). Concurrent flow: see `stream.py`.
 
 Decode: each `RecvSpec` starts a Receiver wait and (sequential flow) the push request;
 the engine thread polls them in `get_finished`, which reports delivered and failed ones.
@@ -38,6 +39,7 @@ from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
 log = structlog.get_logger("pdxfer.vllm.worker")
 
 _GONE_REMEMBERED = 4096  # ended holds remembered for late pushes
+_SEND_THREADS = 16  # pulled transfers packed at once (each mostly waits: for its GRANT, or budget)
 
 
 def _preconnected(url: str, address: str, fut: "concurrent.futures.Future[None]") -> None:
@@ -57,6 +59,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
         self.side: SideChannelServer | None = None
         self._zctx: zmq.Context | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._send_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Condition()
         self._held: dict[str, SendSpec] = {}  # transfer id -> blocks held for a pull
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # recently ended holds -> why
@@ -79,6 +82,9 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
         # bytes are not where the (K, V) views say: move whole blocks, which is exact.
         self.whole_blocks = any(k is not None for k in kinds)
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pdxfer-vllm")
+        # Pulled transfers waiting for their GRANT or for budget each hold a thread here,
+        # apart from the pool the side-channel round trips use.
+        self._send_pool = concurrent.futures.ThreadPoolExecutor(_SEND_THREADS, thread_name_prefix="pdxfer-vllm-send")
         self._zctx = zmq.Context()
         if self.producer:
             self.sender = Sender(SenderConfig(memory_budget=self.cfg.sender_memory, deadline_s=self.cfg.recv_timeout_s,
@@ -110,8 +116,9 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
     def shutdown(self) -> None:
         if self.side is not None:
             self.side.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._send_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         for job in self._jobs.values():
             _release_when_done(job.wait)
         if self.sender is not None:
@@ -235,6 +242,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
                 why = self._gone.get(tid, f"unknown after {self.cfg.recv_timeout_s}s")
         if spec is None:
             return {"ok": False, "error": f"transfer {tid} is not held here ({why})"}
+        handed_over = False
         try:
             t1 = spec.num_tokens if t1 is None else int(t1)
             limit = spec.num_tokens
@@ -242,25 +250,52 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
                 limit = max(limit, len(spec.block_ids[0]) * self.packer.layout.groups[0].block_size)
             if not 0 <= t0 < t1 <= limit:
                 return {"ok": False, "error": f"tokens [{t0},{t1}) outside the {limit} held"}
-            tables = [list(g) for g in spec.block_ids]
-            packed = [self.packer.pack(tables, a, b) for a, b in chunk_ranges(t0, t1, self.block_size)]
+            ranges = chunk_ranges(t0, t1, self.block_size)
+            sizes = [self.packer.packed_nbytes(a, b) for a, b in ranges]
+            handle = self._open(tid, peer, sizes)
+            if isinstance(handle, str):
+                return {"ok": False, "error": handle}
+            assert self._send_pool is not None
+            self._send_pool.submit(self._pack_and_put, spec, handle, ranges)
+            handed_over = True
         except Exception as exc:  # noqa: BLE001
             self.counters.inc("send_failed")
-            return {"ok": False, "error": f"pack failed: {exc}"}
+            return {"ok": False, "error": f"push failed: {exc}"}
+        finally:
+            if not handed_over:
+                with self._lock:  # no byte will be read from the blocks: free them
+                    self._done_sending.add(spec.req_id)
+        return {"ok": True, "nbytes": sum(sizes)}
+
+    def _pack_and_put(self, spec: SendSpec, handle: Any, ranges: list[tuple[int, int]]) -> None:
+        """In the worker's send pool, after the decode got its answer: once the decode
+        granted the transfer, pack one chunk at a time and put it, waiting (bounded) for
+        send budget. So the packed copies of a request never exceed the budget by more than
+        one chunk, and a decode with no room ties up neither the side channel (other
+        decodes' pushes, drops, stats) nor memory. The blocks are freed once the last chunk
+        is out of them, whatever happened."""
+        assert self.packer is not None
+        tables = [list(g) for g in spec.block_ids]
+        try:
+            # Reserve before you copy: chunks of a transfer the decode has not granted would
+            # sit in the send budget and starve the granted transfers to other decodes.
+            # The blocks are held by the lease meanwhile; the transfer's deadline bounds it.
+            handle.wait_granted(self.cfg.recv_timeout_s + 1.0)
+            for i, (a, b) in enumerate(ranges):
+                if handle.future.done():  # failed meanwhile (decode lost, deadline): stop packing
+                    return
+                c = self.packer.pack(tables, a, b)
+                held = self._in_flight.get(spec.transfer_id)
+                if held is None:
+                    return
+                held[1].append(c)
+                handle.put(i, c.numpy())
+        except Exception as exc:  # noqa: BLE001 - the transfer fails, the decode is told by ABORT
+            log.warning("pdxfer_push_put_failed", transfer_id=spec.transfer_id, error=repr(exc))
+            handle.abort(f"submit failed: {exc}")
         finally:
             with self._lock:  # bytes are out of the blocks (or never will be): free them
                 self._done_sending.add(spec.req_id)
-        handle = self._open(tid, peer, [int(c.numel()) for c in packed])
-        if isinstance(handle, str):
-            return {"ok": False, "error": handle}
-        try:
-            for i, c in enumerate(packed):
-                self._in_flight[tid][1].append(c)
-                handle.put(i, c.numpy())
-        except Exception as exc:  # noqa: BLE001
-            handle.abort(str(exc))
-            return {"ok": False, "error": f"submit failed: {exc}"}
-        return {"ok": True, "nbytes": sum(int(c.numel()) for c in packed)}
 
     def _open(self, tid: str, peer: str, sizes: list[int]) -> Any:
         """Open a transfer (an error text when that fails); its buffers live until it ends."""
