@@ -111,8 +111,8 @@ class OutboundHandle:
     @property
     def granted(self) -> bool:
         """The receiver has reserved room for the whole transfer (or it ended): chunks put
-        now drain on their own. Read from any thread; a snapshot of the loop's state."""
-        return self._ctx.out.state not in _BEFORE_GRANT
+        now drain on their own. Read from any thread."""
+        return self._ctx.granted.is_set()
 
     def wait_granted(self, timeout: float) -> bool:
         """Block until `granted` (True) or `timeout` (False): a caller that would copy

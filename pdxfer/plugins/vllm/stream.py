@@ -17,9 +17,9 @@ steps a running request's blocks may be preempted and reused), and once it finis
 from every step's `get_finished` (vLLM calls it every step, forward or not). The
 scheduler finishes a streamed request with delay_free and names it, with its block table,
 in `stream_finished`; those blocks stay allocated until the worker reports the request
-in finished_sending, once every chunk is out of them. Chunks of a transfer the decode has not granted yet may take
-half the budget at most, so they cannot starve the granted transfers whose completion
-makes room at the decode. Backpressure thus becomes KV-block pressure, which vLLM's
+in finished_sending, once every chunk is out of them. Chunks of a transfer the decode
+has not granted yet may take half the budget at most, so they cannot starve the granted
+transfers whose completion makes room at the decode. Backpressure thus becomes KV-block pressure, which vLLM's
 scheduler already handles by admitting fewer new prompts; nothing fails, nothing waits,
 and memory stays bounded by the budget. A stream whose decode never makes room ends at
 its transfer's deadline (recv_timeout_s) like any other transfer.

@@ -280,7 +280,9 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
             # Reserve before you copy: chunks of a transfer the decode has not granted would
             # sit in the send budget and starve the granted transfers to other decodes.
             # The blocks are held by the lease meanwhile; the transfer's deadline bounds it.
-            handle.wait_granted(self.cfg.recv_timeout_s + 1.0)
+            if not handle.wait_granted(self.cfg.recv_timeout_s + 1.0):
+                handle.abort(f"no GRANT within {self.cfg.recv_timeout_s + 1.0}s")  # its deadline should have ended it
+                return
             for i, (a, b) in enumerate(ranges):
                 if handle.future.done():  # failed meanwhile (decode lost, deadline): stop packing
                     return
