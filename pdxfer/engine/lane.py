@@ -334,6 +334,7 @@ class Lane:
             out.on(OutEvent.RECV_GRANT)
             ctx.granted_at = self._loop.time()
             ctx.granted.set()
+            self.budget.poke()  # its puts held at half the budget may take the rest now
             self.chunks_ready(ctx)
         elif isinstance(msg, m.Reject):
             self.fail(ctx, rejection_error(msg, tid=out.tid, state=out.state.value, peer=self.address),

@@ -1,7 +1,8 @@
 """`Sender`: the prefill side's handle on pdxfer.
 
 The engine thread calls `open()` / `put()` / `submit()`; they return at once (put()
-waits only when the memory budget is full, with a deadline); hashing each chunk and
+waits only when the memory budget is full, with a deadline; before its transfer's GRANT,
+when it is half full: see `MemoryBudget`); hashing each chunk and
 everything that touches the network runs on the sender's own uvloop thread (see
 SenderConfig.checksum_on_put / hash_ahead for the alternatives). Results come back as
 `concurrent.futures.Future`s: `.result(timeout)` from sync code, `await
@@ -91,7 +92,7 @@ class OutboundHandle:
         budget = self._sender._budget
         try:
             budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
-                           transfer_id=self.transfer_id)
+                           transfer_id=self.transfer_id, granted=self._ctx.granted)
         except Backpressure as exc:
             with self._lock:  # not taken: the caller may put this chunk again later
                 self._put.discard(index)
@@ -113,6 +114,13 @@ class OutboundHandle:
         """The receiver has reserved room for the whole transfer (or it ended): chunks put
         now drain on their own. Read from any thread."""
         return self._ctx.granted.is_set()
+
+    def fits(self, nbytes: int) -> bool:
+        """Would a chunk of `nbytes` find send budget now without waiting or spilling?
+        Until the GRANT, this transfer's chunks may fill the budget to half only
+        (`MemoryBudget.limit`): a caller that must not wait can check before it prepares
+        a chunk (say, packs KV blocks) that could not be put."""
+        return self._sender._budget.fits(nbytes, self._ctx.granted)
 
     def wait_granted(self, timeout: float) -> bool:
         """Block until `granted` (True) or `timeout` (False): a caller that would copy
@@ -301,7 +309,11 @@ class Sender:
         fut.add_done_callback(lambda _f: self._forget_id(transfer_id))
         ctx = OutCtx(OutboundTransfer(transfer_id, peer, payload), fut, deadline=0.0, started=0.0,
                      log=log.bind(transfer_id=transfer_id, peer=peer))
-        fut.add_done_callback(lambda _f: ctx.granted.set())  # ended: nobody waits for a GRANT any more
+        def ended(_f: object) -> None:  # nobody waits for a GRANT any more
+            ctx.granted.set()
+            self._budget.poke()  # a put held back until the GRANT wakes and finds the transfer over
+
+        fut.add_done_callback(ended)
         self._rt.call(self._begin, ctx, self.config.deadline_s if deadline_s is None else deadline_s)
         return OutboundHandle(self, ctx)
 

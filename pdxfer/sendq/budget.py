@@ -5,6 +5,14 @@ the chunk is on the wire (or its transfer failed). A full budget is backpressure
 engine waits with a deadline, first giving the spill hook a chance to free room (the
 spill tiers plug in there), and then gets a typed `Backpressure` error, never an
 unbounded wait and never unbounded growth.
+
+Chunks of a transfer the receiver has not granted yet may fill the budget to half its
+capacity at most (unless a spill hook can move them out). Without that cap, puts for
+transfers queued at a full receiver could take the whole budget, and the granted
+transfer whose completion is what makes room at the receiver could then not put its
+next chunk: both wait until their deadlines, and both fail. With it, granted transfers
+always find at least half the budget, and a queued transfer's put waits (with its
+deadline) until either bytes come back or its GRANT arrives (`poke`).
 """
 
 from __future__ import annotations
@@ -38,7 +46,23 @@ class MemoryBudget:
     def used(self) -> int:
         return self._used
 
-    def acquire(self, nbytes: int, timeout: float, *, transfer_id: str | None = None) -> None:
+    def limit(self, granted: threading.Event | None = None) -> int:
+        """The most bytes in use a put may bring the budget to: `capacity`, or half of it
+        for a transfer whose `granted` event is not set yet when no spill hook could move
+        its chunks out (see the module docstring)."""
+        if granted is None or self.spill_hook is not None or granted.is_set():
+            return self.capacity
+        return self.capacity // 2
+
+    def fits(self, nbytes: int, granted: threading.Event | None = None) -> bool:
+        """Would `acquire(nbytes)` succeed now without waiting or spilling? (A check for a
+        caller that must not wait and would rather not prepare a chunk that cannot go.)"""
+        return self._used + nbytes <= self.limit(granted)
+
+    def acquire(self, nbytes: int, timeout: float, *, transfer_id: str | None = None,
+                granted: threading.Event | None = None) -> None:
+        """Take `nbytes`, waiting at most `timeout` (then `Backpressure`). `granted`: the
+        transfer's GRANT event, for the cap on chunks of ungranted transfers."""
         if nbytes > self.capacity:
             raise ValueError(
                 f"chunk of {nbytes} bytes can never fit the send budget of {self.capacity} bytes"
@@ -46,7 +70,7 @@ class MemoryBudget:
             )
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._used + nbytes > self.capacity:
+            while self._used + nbytes > self.limit(granted):
                 hook = self.spill_hook
                 if hook is not None:
                     self._cond.release()
@@ -62,6 +86,14 @@ class MemoryBudget:
                         break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    limit = self.limit(granted)
+                    if limit < self.capacity:
+                        raise Backpressure(
+                            f"send budget over half full ({self._used}/{self.capacity} bytes) for {timeout:.3f}s "
+                            f"and the receiver has not granted this transfer yet: until its GRANT, its chunks may "
+                            f"use {limit} bytes of the budget (a spill tier would take them instead)",
+                            transfer_id=transfer_id, waiting_for="grant",
+                        )
                     raise Backpressure(
                         f"send budget full ({self._used}/{self.capacity} bytes) for {timeout:.3f}s",
                         transfer_id=transfer_id, waiting_for="send_budget",
@@ -71,8 +103,9 @@ class MemoryBudget:
             self.peak = max(self.peak, self._used)
 
     def poke(self) -> None:
-        """Wake waiting acquirers without releasing bytes: spill-tier room came back, so
-        the spill hook may now free budget that it could not before."""
+        """Wake waiting acquirers without releasing bytes: spill-tier room came back (the
+        spill hook may now free budget that it could not before), or a transfer was
+        granted (its chunks may now use the whole budget)."""
         with self._cond:
             self._cond.notify_all()
 

@@ -182,14 +182,59 @@ def test_refused_connection_fails_at_once_not_after_the_handshake_timeout(make_s
 
 
 def test_full_budget_is_backpressure_with_a_deadline(make_sender, hung_receiver):
+    """Never granted: its chunks may fill half the budget, and then put() waits, with a
+    deadline, for the GRANT (see MemoryBudget)."""
     s = make_sender(memory_budget=1 << 20, handshake_timeout_s=5)
-    h = s.open(hung_receiver, "stuck", Payload((1 << 20, 1 << 20)))
-    h.put(0, bytes(1 << 20))
-    with pytest.raises(Backpressure) as info:
-        h.put(1, bytes(1 << 20), timeout=0.2)
-    assert info.value.waiting_for == "send_budget"
+    h = s.open(hung_receiver, "stuck", Payload((512 << 10, 512 << 10)))
+    h.put(0, bytes(512 << 10))
+    with pytest.raises(Backpressure, match="not granted this transfer yet") as info:
+        h.put(1, bytes(512 << 10), timeout=0.2)
+    assert info.value.waiting_for == "grant" and info.value.transfer_id == "stuck"
+    assert s.budget_used == 512 << 10  # the refused chunk took nothing
     with pytest.raises(ValueError, match="never fit"):
         s.open(hung_receiver, "huge", Payload((2 << 20,))).put(0, bytes(2 << 20))
+
+
+def test_queued_transfers_cannot_starve_the_granted_one(make_receiver, make_sender, backend):
+    """The receiver has room for one transfer: A is granted, B queued behind it. B's
+    producer puts first and would, without a cap, take the whole send budget; A's puts
+    would then wait for budget that only A's completion (which makes room for B) could
+    free, and both would fail at their deadlines. B's chunks may take half the budget
+    until its GRANT, so A goes through and then B does."""
+    r = make_receiver(capacity=3 << 20)
+    s = make_sender(memory_budget=1 << 20, backend=backend)
+    a_chunks = [os.urandom(256 << 10) for _ in range(8)]
+    b_chunks = [os.urandom(512 << 10) for _ in range(4)]
+    a = s.open(r.control_address, "granted-a", Payload.of(a_chunks))
+    assert a.wait_granted(10)
+    b = s.open(r.control_address, "queued-b", Payload.of(b_chunks))
+    _eventually(lambda: r.ledger().waiting_count == 1)
+    errors: list[BaseException] = []
+
+    def produce_b() -> None:
+        try:
+            for i, c in enumerate(b_chunks):
+                b.put(i, c, timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=produce_b)
+    t.start()
+    try:
+        _eventually(lambda: s.budget_used == 512 << 10)
+        assert t.is_alive() and not b.granted  # B waits at half the budget, not at all of it
+        for i, c in enumerate(a_chunks):
+            a.put(i, c, timeout=5)
+        with r.wait("granted-a", timeout=10) as got:
+            assert bytes(got.view) == b"".join(a_chunks)
+        a.future.result(10)
+        with r.wait("queued-b", timeout=20) as got:
+            assert bytes(got.view) == b"".join(b_chunks)
+        b.future.result(10)
+    finally:
+        t.join(30)
+    assert not t.is_alive() and not errors
+    assert s.budget_used == 0
 
 
 def test_chunk_refused_for_backpressure_can_be_put_again(make_receiver, make_sender, hung_receiver, backend):
@@ -198,14 +243,17 @@ def test_chunk_refused_for_backpressure_can_be_put_again(make_receiver, make_sen
     be remembered as submitted, and the retry failed with "submitted twice"."""
     r = make_receiver()
     s = make_sender(memory_budget=1 << 20, backend=backend)
-    hog = s.open(hung_receiver, "hog", Payload((1 << 20,)))
-    hog.put(0, bytes(1 << 20))  # the whole budget, held by a transfer that never gets a GRANT
+    hog = s.open(hung_receiver, "hog", Payload((512 << 10,)))
+    hog.put(0, bytes(512 << 10))  # half the budget (all an ungranted transfer may take), held for good
     data = os.urandom(1 << 20)
     h = s.open(r.control_address, "retried", Payload((1 << 20,)))
+    assert h.wait_granted(10)
+    assert not h.fits(1 << 20)
     with pytest.raises(Backpressure):
         h.put(0, data, timeout=0)
     hog.abort("make room")
     _eventually(lambda: s.budget_used == 0)
+    assert h.fits(1 << 20)
     h.put(0, data, timeout=0)
     with r.wait("retried", timeout=10) as got:
         assert bytes(got.view) == data

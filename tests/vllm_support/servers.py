@@ -6,17 +6,22 @@ its own (e.g. ``/tmp/vllmenv/bin/python``).
 
 Every process is started in its own session (process group) and stopped by that group
 (SIGTERM, then SIGKILL): vLLM's engine-core and worker children go with it. Nothing here
-waits without a deadline.
+waits without a deadline. What a server leaves on disk goes with it too: vLLM binds its
+ZMQ ipc sockets under VLLM_RPC_BASE_PATH (default: the temp dir itself), and a killed
+server never unlinks them, so each server gets a directory of its own, removed once it
+is dead.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -106,6 +111,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at: float | None = None
+        self.scratch: list[Path] = []  # removed once the process is dead (see _reap)
 
     @property
     def pid(self) -> int:
@@ -146,6 +152,7 @@ class ManagedProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        self._reap()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None:
@@ -162,6 +169,15 @@ class ManagedProcess:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        self._reap()
+
+    def _reap(self) -> None:
+        """Remove the scratch directories, once nothing of the group can still use them."""
+        if self.proc is not None and self.proc.poll() is None:
+            return  # still alive after SIGKILL and a wait: leave them rather than pull them away
+        for d in self.scratch:
+            shutil.rmtree(d, ignore_errors=True)
+        self.scratch.clear()
 
     def wait_http(self, url: str, timeout: float, what: str = "ready") -> float:
         """Poll ``url`` until it answers 2xx; returns seconds since start. Raises on death/timeout."""
@@ -196,7 +212,10 @@ class VllmServer(ManagedProcess):
             "--uvicorn-log-level", "warning",
             *extra_args,
         ]
-        super().__init__(name, argv, log_dir=log_dir, env={**VLLM_ENV, **(env or {})})
+        # short on purpose: an AF_UNIX path (this dir + a 36-char uuid) must stay under 108 bytes
+        rpc = Path(tempfile.mkdtemp(prefix="pdxv-"))
+        super().__init__(name, argv, log_dir=log_dir, env={**VLLM_ENV, "VLLM_RPC_BASE_PATH": str(rpc), **(env or {})})
+        self.scratch.append(rpc)
         self.ready_seconds: float | None = None
 
     @property

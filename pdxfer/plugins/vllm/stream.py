@@ -18,8 +18,8 @@ from every step's `get_finished` (vLLM calls it every step, forward or not). The
 scheduler finishes a streamed request with delay_free and names it, with its block table,
 in `stream_finished`; those blocks stay allocated until the worker reports the request
 in finished_sending, once every chunk is out of them. Chunks of a transfer the decode
-has not granted yet may take half the budget at most, so they cannot starve the granted
-transfers whose completion makes room at the decode. Backpressure thus becomes KV-block pressure, which vLLM's
+has not granted yet may take half the budget at most (the Sender's `MemoryBudget` rule), so
+they cannot starve the granted transfers whose completion makes room at the decode. Backpressure thus becomes KV-block pressure, which vLLM's
 scheduler already handles by admitting fewer new prompts; nothing fails, nothing waits,
 and memory stays bounded by the budget. A stream whose decode never makes room ends at
 its transfer's deadline (recv_timeout_s) like any other transfer.
@@ -167,15 +167,14 @@ class StreamingMixin:
             exc = st.handle.future.exception()
             raise exc if exc is not None else RuntimeError("transfer ended before its last chunk")
         assert st.tables is not None and self.sender is not None
-        budget = self.sender.budget
         while st.next < len(st.ranges) and st.ranges[st.next][1] <= st.ready:
             a, b = st.ranges[st.next]
-            if not (self._spills or st.handle.granted) and budget.used + self.packer.packed_nbytes(a, b) > budget.capacity // 2:
-                # Not reserved at the decode yet: such chunks would sit in the budget and,
-                # with the decode full, starve the granted transfers whose completion makes
-                # room there (a deadlock until deadlines). So they may hold half of it at
-                # most; a spill tier instead takes them out of the budget under pressure.
-                self._fall_behind(tid, st, "send budget half full, transfer not granted yet")
+            if not self._spills and not st.handle.fits(self.packer.packed_nbytes(a, b)):
+                # No room: do not pack a copy that put() would refuse. (Until the decode
+                # grants it, a transfer's chunks may fill half the budget only, so they
+                # cannot starve the granted transfers whose completion makes room there.)
+                self._fall_behind(tid, st, "send budget full" if st.handle.granted
+                                  else "send budget half full, transfer not granted yet")
                 return
             c = self.packer.pack(st.tables, a, b)
             held = self._in_flight.get(tid)
