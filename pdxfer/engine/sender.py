@@ -25,11 +25,12 @@ import structlog
 import zmq.asyncio
 
 from pdxfer.engine.config import SenderConfig
+from pdxfer.engine.handle import OutboundHandle, chunk_for
 from pdxfer.engine.lane import Lane
 from pdxfer.engine.outctx import OutCtx, TransferResult
 from pdxfer.engine.runtime import LoopThread
-from pdxfer.errors import Backpressure, PdxferError, TransferAborted
-from pdxfer.layout.buffers import ChunkBuffer, chunk_buffer, is_device_buffer
+from pdxfer.errors import PdxferError, TransferAborted
+from pdxfer.layout.buffers import chunk_buffer
 from pdxfer.layout.payload import Payload
 from pdxfer.protocol.checksum import XXH3, chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
@@ -42,90 +43,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pdxfer.sender")
 
-__all__ = ["Sender", "OutboundHandle", "TransferResult"]
+__all__ = ["Sender", "OutboundHandle", "TransferResult"]  # OutboundHandle: engine.handle
 
 _BEFORE_GRANT = (OutState.WAITING_PEER, OutState.RESERVING, OutState.QUEUED)
-
-
-def _chunk_for(cfg: SenderConfig, tid: str, index: int, buffer: Any) -> ChunkBuffer:
-    """The chunk as it will travel; GPU memory is refused, naming the chunk, on a path
-    that can only send host memory."""
-    if is_device_buffer(buffer) and cfg.backend != "nixl":
-        raise ValueError(f"transfer {tid}: chunk {index} is in GPU memory, and the {cfg.backend!r} data path "
-                         "sends host memory only: use SenderConfig(backend='nixl') to WRITE it from VRAM")
-    return chunk_buffer(buffer)
-
-
-class OutboundHandle:
-    """One transfer being produced: hand chunks over as they are ready."""
-
-    def __init__(self, sender: "Sender", ctx: OutCtx) -> None:
-        self._sender = sender
-        self._ctx = ctx
-        self.transfer_id = ctx.out.tid
-        self.payload = ctx.out.payload
-        self.future: concurrent.futures.Future[TransferResult] = ctx.future
-        self._lock = threading.Lock()
-        self._put: set[int] = set()
-
-    def put(self, index: int, buffer: Any, *, timeout: float | None = None) -> None:
-        """Queue chunk `index`. The buffer must stay unchanged until the future resolves
-        (or use `release` semantics of a later spill tier); it is not copied.
-
-        A buffer in GPU memory (CUDA tensor, `__cuda_array_interface__`) goes only over
-        NIXL, WRITEn from VRAM, and is checked with devsum64 computed on its GPU; such a
-        chunk must be complete when put (its producing stream synchronised: the WRITE does
-        not wait on CUDA streams) and never spills (it waits for budget instead)."""
-        view = _chunk_for(self._sender.config, self.transfer_id, index, buffer)
-        _, length = self.payload.chunk_range(index)
-        if view.nbytes != length:
-            raise ValueError(f"transfer {self.transfer_id}: chunk {index} has {view.nbytes} bytes, payload says {length}")
-        with self._lock:
-            if index in self._put:
-                raise ValueError(f"transfer {self.transfer_id}: chunk {index} submitted twice")
-            self._put.add(index)
-        if self.future.done():
-            exc = self.future.exception()
-            raise exc if exc is not None else TransferAborted("transfer already finished", transfer_id=self.transfer_id)
-        on_put = self._sender.config.checksum_on_put and isinstance(view, memoryview)
-        checksum = chunk_checksum(view) if on_put else None
-        budget = self._sender._budget
-        try:
-            budget.acquire(length, self._sender.config.submit_timeout_s if timeout is None else timeout,
-                           transfer_id=self.transfer_id, granted=self._ctx.granted)
-        except Backpressure as exc:
-            with self._lock:  # not taken: the caller may put this chunk again later
-                self._put.discard(index)
-            spill = self._sender._spill
-            if spill is not None:
-                raise spill.exhausted(exc, self.transfer_id) from None
-            raise
-        try:
-            self._sender._rt.call(self._sender._on_chunk, self._ctx, index, view, checksum)
-        except RuntimeError:  # loop closed under us
-            budget.release(length)
-            raise TransferAborted("sender is closed", transfer_id=self.transfer_id) from None
-
-    def abort(self, reason: str = "aborted by caller") -> None:
-        self._sender._rt.call(self._sender._abort, self._ctx, reason)
-
-    @property
-    def granted(self) -> bool:
-        """The receiver has reserved room for the whole transfer (or it ended): chunks put
-        now drain on their own. Read from any thread."""
-        return self._ctx.granted.is_set()
-
-    def fits(self, nbytes: int) -> bool:
-        """Would a chunk of `nbytes` find send budget now without waiting or spilling?
-        Until the GRANT, this transfer's chunks may fill the budget to half only
-        (`MemoryBudget.limit`): a caller that must not wait can check before it prepares
-        a chunk (say, packs KV blocks) that could not be put."""
-        return self._sender._budget.fits(nbytes, self._ctx.granted)
-
-    def wait_granted(self, timeout: float) -> bool:
-        """Block until `granted` (True) or `timeout` (False): a caller that would copy
-        its chunks out of somewhere (packing KV blocks) can do so only once they can go."""
-        return self._ctx.granted.wait(timeout)
 
 
 class Sender:
@@ -349,7 +269,7 @@ class Sender:
     def submit(self, peer: str, transfer_id: str, chunks: Sequence[Any], *, deadline_s: float | None = None,
                submit_timeout_s: float | None = None) -> "concurrent.futures.Future[TransferResult]":
         """Send a whole list of chunk buffers as one transfer."""
-        views = [_chunk_for(self.config, transfer_id, i, c) for i, c in enumerate(chunks)]
+        views = [chunk_for(self.config, transfer_id, i, c) for i, c in enumerate(chunks)]
         handle = self.open(peer, transfer_id, Payload(tuple(v.nbytes for v in views)), deadline_s=deadline_s)
         try:
             for i, v in enumerate(views):
