@@ -3,7 +3,7 @@
 Not a test. Runs a receiver in its own process (pdxfer.bench.receiver_proc) and times,
 from the caller's thread of a Sender:
 
-  * open() -> GRANT (TransferResult.granted_after, loop clock) and open() -> DONE
+  * open() -> GRANT (TransferResult.granted_after, perf_counter from open()) and open() -> DONE
     (caller's wall clock, future.result()) for 1-chunk 64-byte transfers, one at a time;
   * the same for 64 MiB transfers in 2 MiB chunks (the bench's concurrency-1 case);
   * floors: a blocking pyzmq DEALER ping-pong against a ROUTER echo process, and the
@@ -155,7 +155,7 @@ def transfers(sender: Sender, peer: str, size: int, chunk: int, n: int, label: s
             put_t.append(t1 - t0)
     show(f"{label}: open->GRANT", grant)
     show(f"{label}: open+puts (caller)", put_t)
-    show(f"{label}: open->DONE (loop clock)", loop_total)
+    show(f"{label}: open->DONE (TransferResult.seconds)", loop_total)
     show(f"{label}: open->result() (caller)", done)
 
 

@@ -332,7 +332,7 @@ class Lane:
             out.slot = msg.slot
             ctx.extra["addr"] = msg.addr
             out.on(OutEvent.RECV_GRANT)
-            ctx.granted_at = self._loop.time()
+            ctx.granted_at = time.perf_counter()
             ctx.granted.set()
             self.budget.poke()  # its puts held at half the budget may take the rest now
             self.chunks_ready(ctx)
@@ -374,9 +374,9 @@ class Lane:
         self._writes.when_quiet(ctx, functools.partial(self._succeed, ctx))  # NIXL: see lane_writes
 
     def _succeed(self, ctx: OutCtx) -> None:
-        now = self._loop.time()
+        now = time.perf_counter()
         res = TransferResult(ctx.out.tid, self.address, ctx.out.payload.total_bytes, ctx.out.payload.chunk_count,
-                             now - ctx.started, (ctx.granted_at or now) - ctx.started)
+                             now - ctx.opened, (ctx.granted_at or now) - ctx.opened)
         ctx.log.debug("transfer_done", seconds=round(res.seconds, 6))
         if not ctx.future.done():
             ctx.future.set_result(res)

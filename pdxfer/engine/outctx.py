@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,10 @@ class OutCtx:
     started: float
     log: Any
     timer: asyncio.TimerHandle | None = None
-    granted_at: float | None = None
+    # perf_counter stamps for TransferResult (the loop clock, which deadlines use, ticks
+    # in whole milliseconds on uvloop): opened in open() on the caller's thread
+    opened: float = field(default_factory=time.perf_counter)
+    granted_at: float | None = None  # perf_counter at GRANT
     extra: dict = field(default_factory=dict)
     # set once the receiver granted the transfer, or it ended (threads may wait on it)
     granted: threading.Event = field(default_factory=threading.Event)
