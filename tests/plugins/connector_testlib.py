@@ -174,6 +174,18 @@ def metrics(server: VllmServer) -> dict[str, float]:
     return out
 
 
+def pdxfer_metrics(server: VllmServer) -> dict[str, float]:
+    """pdxfer's series in the server's /metrics (`vllm:pdxfer_*`), summed over labels."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:  # noqa: S310
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:pdxfer_"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def assert_no_leaks(*servers: PdxferServer, timeout: float = 20.0) -> None:
     """pdxfer holds nothing (held blocks, sends, receives, reserved bytes) and vLLM's own
     metrics show no request and no used KV block, on every server, within `timeout`."""

@@ -29,6 +29,7 @@ from connector_testlib import (
     disaggregated,
     fixed_port,
     kv_block_bytes,
+    pdxfer_metrics,
     prompts,
 )
 from vllm_support.fixtures import TIMINGS
@@ -114,6 +115,16 @@ def test_greedy_outputs_equal_single_instance(servers: dict[str, VllmServer]) ->
     assert_no_leaks(*_pdx(servers, "prefill", "decode"))
     st = servers["decode"].stats()  # type: ignore[attr-defined]
     assert st["counters"]["received"] >= len(ps) and st["counters"]["recv_failed"] == 0
+    # vLLM's own /metrics carries pdxfer's series (get_kv_connector_stats -> build_prom_metrics).
+    # A send is counted at the prefill's next step after its DONE: the repeats above stepped
+    # past every first-round send, so at least those are in.
+    dm, pm = pdxfer_metrics(servers["decode"]), pdxfer_metrics(servers["prefill"])
+    assert dm.get("vllm:pdxfer_transfers_received_total", 0) >= len(ps), dm
+    assert dm.get("vllm:pdxfer_recv_seconds_count", 0) >= len(ps) and dm.get("vllm:pdxfer_received_bytes_total", 0) > 0
+    assert dm.get("vllm:pdxfer_recv_failures_total", 0) == 0
+    assert pm.get("vllm:pdxfer_transfers_sent_total", 0) >= len(ps), pm
+    assert pm.get("vllm:pdxfer_sent_bytes_total", 0) >= dm["vllm:pdxfer_received_bytes_total"] * 0.5
+    assert pm.get("vllm:pdxfer_send_failures_total", 0) == 0
 
 
 def test_greedy_outputs_over_nixl_equal_single_instance(servers: dict[str, VllmServer]) -> None:

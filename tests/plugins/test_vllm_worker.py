@@ -109,6 +109,33 @@ def test_pull_moves_whole_blocks_and_frees_everything(pair: Any) -> None:
         assert p.stats()["sender_nixl_write_requests"] == 0
 
 
+@BOTH_BACKENDS
+def test_transfer_outcomes_reach_vllms_stats_path(pair: Any) -> None:
+    """What get_kv_connector_stats hands vLLM: each side's completed transfer once, with
+    its bytes and times, and a failed load by kind."""
+    p, d, _, _ = pair
+    p.take_stats(), d.take_stats()  # start-up gauge samples
+    p.on_meta(StepMeta(sends=[SendSpec("preq", "T1", ((3, 7, 1),), 70, time.time() + 30)]))
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "T1", ((9, 2, 5),), 0, 70, p.cfg.side_host, p.cfg.side_port)]))
+    _, recving, failed = collect(d)
+    assert recving == {"dreq"} and not failed
+    assert wait_for(lambda: p.stats()["in_flight"] == 0)
+    sent, got = p.take_stats(), d.take_stats()
+    assert sent is not None and got is not None
+    assert sent["send_bytes"] == got["recv_bytes"] and sent["send_bytes"][0] > 0
+    assert len(sent["send_seconds"]) == 1 and 0 <= sent["grant_wait_seconds"][0] <= sent["send_seconds"][0]
+    assert len(got["recv_seconds"]) == 1 and not sent["send_failed"] and not got["recv_failed"]
+    assert p.take_stats() is None or not p.take_stats()["send_bytes"]  # reported once
+    d.on_meta(StepMeta(recvs=[RecvSpec("dreq2", "nope", ((4, 5),), 32, 64, p.cfg.side_host, p.cfg.side_port)]))
+    assert collect(d)[2] == {"dreq2"}
+    failed_stats = d.take_stats()
+    # the prefill has no such hold: it refuses, or its answer (it first waits a while for a
+    # hold the engine may not have registered yet) outlasts the push request's timeout
+    assert failed_stats is not None and sum(failed_stats["recv_failed"].values()) == 1
+    assert set(failed_stats["recv_failed"]) <= {"prefill_refused", "push_failed", "TransferTimeout"}
+    assert not failed_stats["recv_bytes"]
+
+
 def test_unknown_transfer_fails_the_load_with_block_errors(pair: Any) -> None:
     p, d, _, _ = pair
     d.on_meta(StepMeta(recvs=[RecvSpec("dreq", "nope", ((4, 5),), 32, 64, p.cfg.side_host, p.cfg.side_port)]))

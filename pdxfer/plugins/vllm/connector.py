@@ -3,7 +3,8 @@
 vLLM builds one instance in the scheduler process (role SCHEDULER) and one per worker
 (role WORKER); each delegates to `SchedulerSide` or `WorkerSide`, which hold all logic
 and import nothing from vLLM. Roles come from `kv_role`: kv_producer (prefill),
-kv_consumer (decode) or kv_both.
+kv_consumer (decode) or kv_both. Transfer telemetry takes vLLM's connector-stats path
+(`stats`, `prom`): its "KV Transfer metrics" log line and `vllm:pdxfer_*` in /metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+from pdxfer.plugins.vllm import stats
 from pdxfer.plugins.vllm.meta import PluginConfig, StepMeta
+from pdxfer.plugins.vllm.prom import PromSink
 from pdxfer.plugins.vllm.scheduler import SchedulerSide
 from pdxfer.plugins.vllm.worker import WorkerSide
 
@@ -38,6 +43,39 @@ class PdxferConnectorMetadata(KVConnectorMetadata):
 
     def __init__(self, step: StepMeta) -> None:
         self.step = step
+
+
+class PdxferKVConnectorStats(KVConnectorStats):
+    """vLLM's container around a `stats` payload (merged across workers and steps)."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.reset()
+
+    def reset(self) -> None:
+        self.data = stats.empty()
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        stats.merge(self.data, other.data)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return stats.summary(self.data)
+
+    def is_empty(self) -> bool:
+        return stats.is_empty(self.data)
+
+
+class PdxferPromMetrics(KVConnectorPromMetrics):
+    """pdxfer's series in vLLM's /metrics (`prom.PromSink`)."""
+
+    def __init__(self, vllm_config: "VllmConfig", metric_types: dict[type, type], labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._sink = PromSink(metric_types, labelnames, per_engine_labelvalues)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        self._sink.observe(transfer_stats_data, engine_idx)
 
 
 def _tp_rank() -> int:
@@ -105,6 +143,21 @@ class PdxferConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """After every step: what this worker's transfers did since the last one (None if
+        nothing: vLLM then sends nothing)."""
+        data = self._worker.take_stats() if self._worker is not None else None
+        return None if data is None else PdxferKVConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PdxferKVConnectorStats(data=data if data is not None else stats.empty())
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+        return PdxferPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # ==================================================================== scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -22,6 +22,7 @@ import zmq
 from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.meta import PluginConfig, RecvSpec, chunk_ranges
 from pdxfer.plugins.vllm.sidechannel import side_request
+from pdxfer.plugins.vllm.stats import Recorder
 
 if TYPE_CHECKING:
     from pdxfer.engine import Receiver
@@ -54,6 +55,7 @@ class ReceivingMixin:
     packer: "Packer | None"
     receiver: "Receiver | None"
     counters: Counters
+    telemetry: Recorder
     whole_blocks: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
     _zctx: zmq.Context | None
@@ -90,31 +92,36 @@ class ReceivingMixin:
     def _poll(self, job: _RecvJob) -> str | None:
         """None while in progress; "" when loaded; an error text when it failed."""
         spec = job.spec
-        error = ""
+        error = kind = ""
         if job.ask is not None and job.ask.done():
             try:
                 reply = job.ask.result()
                 if not reply.get("ok"):
-                    error = f"prefill refused: {reply.get('error')}"
+                    error, kind = f"prefill refused: {reply.get('error')}", "prefill_refused"
             except Exception as exc:  # noqa: BLE001
-                error = f"push request failed: {exc}"
+                error, kind = f"push request failed: {exc}", "push_failed"
             job.ask = None
+        nbytes = 0
         if not error:
             if not job.wait.done():
                 return None
             try:
                 received = job.wait.result()
             except Exception as exc:  # noqa: BLE001
-                error = f"{type(exc).__name__}: {exc}"
+                error, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
             else:
+                nbytes = received.payload.total_bytes
                 error = self._unpack(spec, received)
+                kind = error.split(":", 1)[0].replace(" ", "_")  # layout_mismatch, unpack_failed
         if error:
             _release_when_done(job.wait)
             log.error("pdxfer_recv_failed", request_id=spec.req_id, transfer_id=spec.transfer_id, error=error)
             self.counters.inc("recv_failed")
+            self.telemetry.failed("recv", kind)
             self._mark_load_error(spec)
             return error
         self.counters.inc("received")
+        self.telemetry.received(nbytes, time.monotonic() - job.started)
         return ""
 
     def _unpack(self, spec: RecvSpec, received: Any) -> str:

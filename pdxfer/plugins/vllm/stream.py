@@ -92,6 +92,11 @@ class StreamingMixin:
         for tid, req_id, blocks in meta.stream_finished:
             self._stream_finished(tid, req_id, blocks)
 
+    @property
+    def streams_behind(self) -> int:
+        """Streams waiting for send budget to pack their next chunk."""
+        return sum(1 for s in list(self._streams.values()) if s.behind)
+
     def catch_up(self) -> None:
         """Every step (from get_finished): put what finished streams that fell behind can
         put now. Only finished ones: their blocks are pinned (delay_free) and their block

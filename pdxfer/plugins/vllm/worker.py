@@ -34,6 +34,7 @@ from pdxfer.plugins.vllm.cpu_layout import cpu_attn_views
 from pdxfer.plugins.vllm.meta import PluginConfig, SendSpec, StepMeta, chunk_ranges
 from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
 from pdxfer.plugins.vllm.receiving import ReceivingMixin, _RecvJob, _release_when_done
+from pdxfer.plugins.vllm.stats import Recorder, Stats
 from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
 
 log = structlog.get_logger("pdxfer.vllm.worker")
@@ -73,6 +74,7 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
         self._spills = False  # the sender has a spill tier (set in register)
         self.counters = Counters("sent", "send_failed", "expired", "dropped", "received", "recv_failed",
                                  "streamed_early", "stream_deferred")
+        self.telemetry = Recorder(rank, self._sample_gauges)  # what vLLM's stats path reports
 
     # ------------------------------------------------------------------ lifecycle
     def register(self, kv_caches: Mapping[str, Any], kv_cache_config: Any) -> None:
@@ -312,22 +314,46 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
         return handle
 
     def _sent(self, tid: str, fut: "concurrent.futures.Future[Any]") -> None:
-        self._in_flight.pop(tid, None)
         exc = fut.exception()
         if exc is None:
             self.counters.inc("sent")
+            res = fut.result()
+            self.telemetry.sent(res.nbytes, res.seconds, res.granted_after)
         else:
             self.counters.inc("send_failed")
+            self.telemetry.failed("send", type(exc).__name__)
             log.warning("pdxfer_send_failed", transfer_id=tid, error=repr(exc))
+        self._in_flight.pop(tid, None)  # last: in_flight 0 means every outcome is counted
 
     # ------------------------------------------------------------------ observability
+    def take_stats(self) -> Stats | None:
+        """What happened since vLLM last asked (`stats.Recorder.take`); engine thread."""
+        return self.telemetry.take()
+
+    def _sample_gauges(self) -> dict[str, float]:
+        """Engine thread, once a second at most: levels worth a Prometheus gauge. The
+        receiver's ledger is a round trip to its loop, bounded short: a stuck loop costs
+        a gauge sample, not the step."""
+        out: dict[str, float] = {}
+        if self.sender is not None:
+            spill = self.sender.spill_usage()
+            out.update(send_budget_used_bytes=self.sender.budget_used, streams_behind=self.streams_behind,
+                       spill_host_bytes=spill.get("host_bytes", 0), spill_disk_bytes=spill.get("disk_bytes", 0))
+        if self.receiver is not None:
+            try:
+                led = self.receiver.ledger(timeout=0.2)
+            except Exception:  # noqa: BLE001 - no sample this time; the loop's own watchdog reports stalls
+                return out
+            out.update(receiver_reserved_bytes=led.reserved_bytes, receiver_waiting=led.waiting_count)
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Everything this worker holds: the leak check reads it over the side channel."""
         with self._lock:
             held = len(self._held)
         out: dict[str, Any] = {"held": held, "in_flight": len(self._in_flight), "receiving": len(self._jobs),
                                "streaming": len(self._streams),
-                               "streams_behind": sum(1 for s in list(self._streams.values()) if s.behind),
+                               "streams_behind": self.streams_behind,
                                "counters": self.counters.snapshot()}
         if self.sender is not None:
             out["sender_budget_used"] = self.sender.budget_used
