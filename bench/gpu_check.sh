@@ -30,7 +30,7 @@ fi
   ls -l /dev/nvidiactl /dev/nvidia0 2>&1
 } 2>&1 | tee "$OUT/gpu.txt"
 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o timeout=240 \
-  tests/pack tests/engine/test_vram_gpu.py tests/bench/test_transfer_bench.py 2>&1 | tee "$OUT/pytest_gpu.log"
+  tests/pack tests/engine/test_vram_gpu.py tests/bench/test_transfer_bench.py tests/plugins/test_vllm_worker_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
 timeout 120 python3 -m pdxfer --log-level warning bench transfer --backend nixl --device cuda \
   --chunk-size 2MiB --chunk-size 16MiB --pairs 5 --verified-baseline --json 2>"$OUT/bench_vram.err" | tee "$OUT/bench_vram.jsonl"
 timeout 70 python3 -m pdxfer --log-level warning bench transfer --backend nixl \

@@ -179,6 +179,16 @@ class Sender:
         return 0 if side is None else sum(p.stats.posts for p in side.progresses)
 
     @property
+    def nixl_registrations(self) -> dict[str, int]:
+        """How NIXL WRITEs found registered memory, over all workers: `per_chunk` buffers
+        registered for a chunk (a cache miss: on RDMA, pages pinned), `cached` reuses of
+        one, `pinned` WRITEs from a buffer given to `register` (no registration at all)."""
+        side = self._nixl_made
+        progs = [] if side is None else side.progresses
+        return {"per_chunk": sum(p.cache.misses for p in progs), "cached": sum(p.cache.hits for p in progs),
+                "pinned": sum(p.cache.pinned_hits for p in progs)}
+
+    @property
     def budget_used(self) -> int:
         return self._budget.used
 

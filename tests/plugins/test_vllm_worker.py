@@ -105,6 +105,7 @@ def test_pull_moves_whole_blocks_and_frees_everything(pair: Any) -> None:
     assert p.stats()["held"] == 0
     if p.cfg.backend == "nixl":
         assert _moved_over(p) == "nixl"
+        _assert_staged(p)
     else:
         assert p.stats()["sender_nixl_write_requests"] == 0
 
@@ -210,6 +211,16 @@ def test_stream_pushes_chunks_as_prefill_progresses(pair: Any) -> None:
     assert p.stats()["sender_backend"] == p.cfg.backend
     if p.cfg.backend == "nixl":
         assert _moved_over(p) == "nixl"
+        _assert_staged(p)
+
+
+def _assert_staged(p: WorkerSide) -> None:
+    """NIXL prefill: every chunk was packed into the staging pool registered at start, so
+    no WRITE needed a registration of its own; the pool is empty once the transfers ended."""
+    assert p.sender is not None and p.staging is not None
+    regs = p.sender.nixl_registrations
+    assert regs["per_chunk"] == 0 and regs["pinned"] > 0, regs
+    assert wait_for(lambda: p.staging.used == 0)
 
 
 @BOTH_BACKENDS

@@ -92,6 +92,11 @@ class StreamingMixin:
         for tid, req_id, blocks in meta.stream_finished:
             self._stream_finished(tid, req_id, blocks)
 
+    def _stage(self, nbytes: int, timeout: float = 0.0) -> "torch.Tensor | None | bool": ...  # pragma: no cover
+    def _keep(self, tid: str, chunk: "torch.Tensor") -> bool: ...  # pragma: no cover
+    def _wire(self, c: "torch.Tensor") -> Any: ...  # pragma: no cover
+    def _unkeep(self, tid: str, chunk: "torch.Tensor") -> None: ...  # pragma: no cover
+
     @property
     def streams_behind(self) -> int:
         """Streams waiting for send budget to pack their next chunk."""
@@ -181,16 +186,19 @@ class StreamingMixin:
                 self._fall_behind(tid, st, "send budget full" if st.handle.granted
                                   else "send budget half full, transfer not granted yet")
                 return
-            c = self.packer.pack(st.tables, a, b)
-            held = self._in_flight.get(tid)
-            if held is None:  # the transfer ended just now (its future's callback ran)
+            out = self._stage(self.packer.packed_nbytes(a, b))
+            if out is False:
+                self._fall_behind(tid, st, "send staging pool full")
+                return
+            c = self.packer.pack(st.tables, a, b, out=out)
+            if not self._keep(tid, c):  # the transfer ended just now (its future's callback ran)
                 raise RuntimeError("transfer ended before its last chunk")
             try:
-                st.handle.put(st.next, c.numpy(), timeout=0)  # never wait on the engine thread
+                st.handle.put(st.next, self._wire(c), timeout=0)  # never wait on the engine thread
             except Backpressure:  # SpillExhausted too: no tier had room either
+                self._unkeep(tid, c)  # the packed copy is dropped: packed again once there is room
                 self._fall_behind(tid, st, "send budget full")
-                return  # the packed copy is dropped: packed again once there is room
-            held[1].append(c)
+                return
             if early:
                 self.counters.inc("streamed_early")  # packed while the prefill still runs
             st.next += 1

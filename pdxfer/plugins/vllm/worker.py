@@ -6,7 +6,8 @@ opens the transfer and answers, then (in its pool) packs the token range out of 
 cache one chunk per block (`meta.chunk_ranges`), each as the send budget takes it, and
 reports the request as `finished_sending` once the last chunk is out of the blocks (vLLM
 may reuse them then: the bytes live in the packed buffers, which the Sender keeps until
-the transfer ends). Concurrent flow: see `stream.py`.
+the transfer ends; with backend "nixl" those are pieces of the registered staging pool,
+`staging.py`). Concurrent flow: see `stream.py`.
 
 Decode: each `RecvSpec` starts a Receiver wait and (sequential flow) the push request;
 the engine thread polls them in `get_finished`, which reports delivered and failed ones.
@@ -27,13 +28,14 @@ import torch
 import zmq
 
 from pdxfer.engine import Receiver, ReceiverConfig, Sender, SenderConfig
-from pdxfer.layout.payload import Payload
 from pdxfer.pack import Packer
 from pdxfer.plugins.vllm.counters import Counters
 from pdxfer.plugins.vllm.cpu_layout import cpu_attn_views
 from pdxfer.plugins.vllm.meta import PluginConfig, SendSpec, StepMeta, chunk_ranges
 from pdxfer.plugins.vllm.sidechannel import SideChannelServer, side_request
 from pdxfer.plugins.vllm.receiving import ReceivingMixin, _RecvJob, _release_when_done
+from pdxfer.plugins.vllm.sending import SendingMixin
+from pdxfer.plugins.vllm.staging import StagingPool
 from pdxfer.plugins.vllm.stats import Recorder, Stats
 from pdxfer.plugins.vllm.stream import StreamingMixin, _Stream
 
@@ -50,7 +52,7 @@ def _preconnected(url: str, address: str, fut: "concurrent.futures.Future[None]"
         log.warning("pdxfer_preconnect_failed", decode=url, receiver=address, error=repr(exc))
 
 
-class WorkerSide(StreamingMixin, ReceivingMixin):
+class WorkerSide(SendingMixin, StreamingMixin, ReceivingMixin):
     def __init__(self, cfg: PluginConfig, *, producer: bool, consumer: bool, rank: int = 0) -> None:
         self.cfg = cfg
         self.producer, self.consumer, self.rank = producer, consumer, rank
@@ -66,6 +68,8 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # recently ended holds -> why
         self._done_sending: set[str] = set()  # req ids whose blocks vLLM may free
         self._in_flight: dict[str, tuple[Any, list[torch.Tensor]]] = {}  # tid -> (handle, packed chunks)
+        self._held_lock = threading.Lock()  # _in_flight entries vs their packed chunks (see _keep)
+        self.staging: StagingPool | None = None  # NIXL prefill: packed chunks live here (staging.py)
         self._streams: dict[str, _Stream] = {}  # tid -> streaming prefill being pushed
         self._ended_streams: collections.OrderedDict[str, str] = collections.OrderedDict()  # tid -> why
         self._jobs: dict[str, _RecvJob] = {}  # decode req id -> receive
@@ -101,6 +105,9 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
                                                     lease_s=self.cfg.receiver_lease_s,
                                                     ucx=dict(self.cfg.ucx))).start()
         self._spills = self.cfg.spill_host_bytes > 0 or self.cfg.spill_disk_bytes > 0
+        if self.sender is not None and self.cfg.backend == "nixl":
+            self.staging = StagingPool(self.cfg.sender_memory, self.packer.bound.device)
+            self.sender.register(self.staging.registrable())  # once: no chunk needs a registration of its own
         if self.sender is not None:
             # Concurrent flow: lanes to the configured decode receivers are set up now, so
             # the first streamed prefill does not wait for HELLO round trips (under load
@@ -288,42 +295,20 @@ class WorkerSide(StreamingMixin, ReceivingMixin):
             for i, (a, b) in enumerate(ranges):
                 if handle.future.done():  # failed meanwhile (decode lost, deadline): stop packing
                     return
-                c = self.packer.pack(tables, a, b)
-                held = self._in_flight.get(spec.transfer_id)
-                if held is None:
+                out = self._stage(self.packer.packed_nbytes(a, b), self.cfg.recv_timeout_s)
+                if out is False:
+                    handle.abort(f"no room in the send staging pool for {self.cfg.recv_timeout_s}s")
                     return
-                held[1].append(c)
-                handle.put(i, c.numpy())
+                c = self.packer.pack(tables, a, b, out=out)
+                if not self._keep(spec.transfer_id, c):
+                    return
+                handle.put(i, self._wire(c))
         except Exception as exc:  # noqa: BLE001 - the transfer fails, the decode is told by ABORT
             log.warning("pdxfer_push_put_failed", transfer_id=spec.transfer_id, error=repr(exc))
             handle.abort(f"submit failed: {exc}")
         finally:
             with self._lock:  # bytes are out of the blocks (or never will be): free them
                 self._done_sending.add(spec.req_id)
-
-    def _open(self, tid: str, peer: str, sizes: list[int]) -> Any:
-        """Open a transfer (an error text when that fails); its buffers live until it ends."""
-        assert self.sender is not None
-        try:
-            handle = self.sender.open(peer, tid, Payload(tuple(sizes)))
-        except Exception as exc:  # noqa: BLE001
-            self.counters.inc("send_failed")
-            return f"open failed: {exc}"
-        self._in_flight[tid] = (handle, [])
-        handle.future.add_done_callback(lambda f: self._sent(tid, f))
-        return handle
-
-    def _sent(self, tid: str, fut: "concurrent.futures.Future[Any]") -> None:
-        exc = fut.exception()
-        if exc is None:
-            self.counters.inc("sent")
-            res = fut.result()
-            self.telemetry.sent(res.nbytes, res.seconds, res.granted_after)
-        else:
-            self.counters.inc("send_failed")
-            self.telemetry.failed("send", type(exc).__name__)
-            log.warning("pdxfer_send_failed", transfer_id=tid, error=repr(exc))
-        self._in_flight.pop(tid, None)  # last: in_flight 0 means every outcome is counted
 
     # ------------------------------------------------------------------ observability
     def take_stats(self) -> Stats | None:

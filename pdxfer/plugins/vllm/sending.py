@@ -1,0 +1,114 @@
+"""The prefill worker's packed chunks, from where they are packed to their transfer's end.
+
+Shared by both prefill flows (the pull in `worker.py`, the stream in `stream.py`): where a
+chunk is packed (a piece of the NIXL staging pool, or a fresh tensor), how it is handed
+to `put()` (host array, VRAM chunk, or host copy for TCP), and that it is held, under one
+lock with its transfer's entry, until the transfer ends and then given back exactly once.
+The transfer's outcome is counted there too, before its entry goes (so "nothing in
+flight" means "every outcome counted").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import torch
+
+from pdxfer.layout.payload import Payload
+from pdxfer.plugins.vllm.counters import Counters
+from pdxfer.plugins.vllm.meta import PluginConfig
+from pdxfer.plugins.vllm.staging import StagingPool
+from pdxfer.plugins.vllm.stats import Recorder
+
+if TYPE_CHECKING:
+    from pdxfer.engine import Sender
+
+log = structlog.get_logger("pdxfer.vllm.worker")
+
+
+class SendingMixin:
+    """`WorkerSide` provides the state used here."""
+
+    cfg: PluginConfig
+    sender: "Sender | None"
+    staging: StagingPool | None
+    counters: Counters
+    telemetry: Recorder
+    _held_lock: threading.Lock
+    _in_flight: dict[str, tuple[Any, list[torch.Tensor]]]
+
+    def _stage(self, nbytes: int, timeout: float = 0.0) -> "torch.Tensor | None | bool":
+        """Where to pack a chunk of `nbytes`: a staging-pool piece, None (a fresh tensor:
+        no pool on this path), or False (the pool stayed full for `timeout`)."""
+        if self.staging is None:
+            return None
+        piece = self.staging.take(nbytes, timeout)
+        return False if piece is None else piece
+
+    def _wire(self, c: "torch.Tensor") -> Any:
+        """A packed chunk as put() takes it. Host memory: an array over it. A CUDA chunk
+        (the packer runs on the KV cache's device) goes as itself over NIXL, WRITEn from
+        VRAM once its pack kernel has finished (put() does not wait on CUDA streams), and
+        is copied to the host for the TCP path, which sends host memory only."""
+        if not c.is_cuda:
+            return c.numpy()
+        if self.cfg.backend == "nixl":
+            torch.cuda.current_stream(c.device).synchronize()
+            return c
+        return c.cpu().numpy()  # the array keeps its host copy alive until the Sender is done
+
+    def _keep(self, tid: str, chunk: "torch.Tensor") -> bool:
+        """Hold a packed chunk until its transfer ends (the Sender reads it until then). False
+        if the transfer has ended already: the chunk is given back and must not be put."""
+        with self._held_lock:
+            held = self._in_flight.get(tid)
+            if held is not None:
+                held[1].append(chunk)
+                return True
+        self._unstage([chunk])
+        return False
+
+    def _unkeep(self, tid: str, chunk: "torch.Tensor") -> None:
+        """A kept chunk that was not put after all (the budget refused it): let it go now."""
+        with self._held_lock:
+            held = self._in_flight.get(tid)
+            if held is None or not any(c is chunk for c in held[1]):
+                return  # the transfer ended meanwhile: _sent gave it back
+            held[1][:] = [c for c in held[1] if c is not chunk]
+        self._unstage([chunk])
+
+    def _unstage(self, chunks: "list[torch.Tensor]") -> None:
+        if self.staging is not None:
+            for c in chunks:
+                if self.staging.owns(c):
+                    self.staging.give(c)
+
+    def _open(self, tid: str, peer: str, sizes: list[int]) -> Any:
+        """Open a transfer (an error text when that fails); its buffers live until it ends."""
+        assert self.sender is not None
+        try:
+            handle = self.sender.open(peer, tid, Payload(tuple(sizes)))
+        except Exception as exc:  # noqa: BLE001
+            self.counters.inc("send_failed")
+            return f"open failed: {exc}"
+        self._in_flight[tid] = (handle, [])
+        handle.future.add_done_callback(lambda f: self._sent(tid, f))
+        return handle
+
+    def _sent(self, tid: str, fut: "concurrent.futures.Future[Any]") -> None:
+        exc = fut.exception()
+        if exc is None:
+            self.counters.inc("sent")
+            res = fut.result()
+            self.telemetry.sent(res.nbytes, res.seconds, res.granted_after)
+        else:
+            self.counters.inc("send_failed")
+            self.telemetry.failed("send", type(exc).__name__)
+            log.warning("pdxfer_send_failed", transfer_id=tid, error=repr(exc))
+        with self._held_lock:  # last: in_flight 0 means every outcome is counted
+            entry = self._in_flight.pop(tid, None)
+        if entry is not None:
+            self._unstage(entry[1])  # NIXL finished reading them: the future resolves after its WRITEs
