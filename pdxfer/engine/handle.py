@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pdxfer.engine.config import SenderConfig
 from pdxfer.engine.outctx import OutCtx, TransferResult
@@ -43,9 +43,15 @@ class OutboundHandle:
         self._lock = threading.Lock()
         self._put: set[int] = set()
 
-    def put(self, index: int, buffer: Any, *, timeout: float | None = None) -> None:
-        """Queue chunk `index`. The buffer must stay unchanged until the future resolves:
-        it is not copied (a spill tier may copy it out, but the caller cannot tell when).
+    def put(self, index: int, buffer: Any, *, timeout: float | None = None,
+            on_release: Callable[[], None] | None = None) -> None:
+        """Queue chunk `index`. The buffer is not copied: it must stay unchanged until the
+        Sender lets go of it, which `on_release()` reports, once, on the Sender's thread:
+        its bytes left (TCP: handed to the kernel; NIXL: the WRITE completed here), a spill
+        tier copied it, or it was dropped unsent; at the latest when the future resolves.
+        A caller that reuses buffers (a staging pool) can take each one back then, chunk by
+        chunk, instead of holding a whole transfer's until its end. A put refused
+        (Backpressure, bad input) takes nothing and never calls it.
 
         A buffer in GPU memory (CUDA tensor, `__cuda_array_interface__`) goes only over
         NIXL, WRITEn from VRAM, and is checked with devsum64 computed on its GPU; such a
@@ -75,10 +81,13 @@ class OutboundHandle:
             if spill is not None:
                 raise spill.exhausted(exc, self.transfer_id) from None
             raise
+        if on_release is not None:
+            self._sender._notices.watch(self.transfer_id, view, on_release)
         try:
             self._sender._rt.call(self._sender._on_chunk, self._ctx, index, view, checksum)
         except RuntimeError:  # loop closed under us
             budget.release(length)
+            self._sender._notices.fire(view)
             raise TransferAborted("sender is closed", transfer_id=self.transfer_id) from None
 
     def abort(self, reason: str = "aborted by caller") -> None:

@@ -36,6 +36,8 @@ from pdxfer.protocol.checksum import XXH3, chunk_checksum
 from pdxfer.protocol.outbound import OutboundTransfer
 from pdxfer.protocol.states import OutState
 from pdxfer.sendq import MemoryBudget
+from pdxfer.sendq.holdings import Holdings
+from pdxfer.sendq.releases import ReleaseNotices
 
 if TYPE_CHECKING:
     from pdxfer.engine.spill import SpillCoordinator
@@ -56,6 +58,8 @@ class Sender:
             raise TypeError("pass either a SenderConfig or keyword overrides, not both")
         self.config = config
         self._budget = MemoryBudget(config.memory_budget)
+        self._notices = ReleaseNotices()  # put(on_release=): which buffers the Sender let go of
+        self._holdings = Holdings(self._budget, notices=self._notices)  # replaced by the spill tier's
         self._rt = LoopThread(f"pdxfer-sender-{config.sender_id}")
         self._lanes: dict[str, Lane] = {}
         self._zctx: zmq.asyncio.Context | None = None
@@ -80,7 +84,9 @@ class Sender:
             if self.config.spill_enabled:
                 from pdxfer.engine.spill import SpillCoordinator
 
-                self._spill = SpillCoordinator(self.config, self._budget, self._rt, self._live_transfers)
+                self._spill = SpillCoordinator(self.config, self._budget, self._rt, self._live_transfers,
+                                               self._notices)
+                self._holdings = self._spill.holdings
             self._rt.start()
             self._zctx = self._rt.run(self._make_ctx(), timeout=10)
             self._started = True
@@ -242,6 +248,7 @@ class Sender:
         def ended(_f: object) -> None:  # nobody waits for a GRANT any more
             ctx.granted.set()
             self._budget.poke()  # a put held back until the GRANT wakes and finds the transfer over
+            self._notices.end(transfer_id)  # no buffer of it is read any more (NIXL: WRITEs are over)
 
         fut.add_done_callback(ended)
         self._rt.call(self._begin, ctx, self.config.deadline_s if deadline_s is None else deadline_s)
@@ -300,7 +307,7 @@ class Sender:
             assert self._zctx is not None
             spill = self._spill
             lane = Lane(peer, self.config, self._budget, self._zctx, self._lane_closed, self._nixl_side,
-                        holdings=spill.holdings if spill is not None else None,
+                        holdings=self._holdings,
                         io=spill.io if spill is not None else None, hash_pool=self._hash_pool)
             self._lanes[peer] = lane
         return lane
@@ -325,7 +332,7 @@ class Sender:
     def _on_chunk(self, ctx: OutCtx, index: int, view: memoryview, checksum: int | None) -> None:
         lane: Lane | None = ctx.extra.get("lane")
         if ctx.out.terminal or lane is None:
-            self._budget.release(view.nbytes)
+            self._holdings.release(view, view.nbytes)
             return
         if (checksum is None and index == 0 and ctx.out.state in _BEFORE_GRANT and isinstance(view, memoryview)
                 and lane.out.algorithm == XXH3):  # xxh3 until the receiver says otherwise
@@ -336,7 +343,7 @@ class Sender:
         try:
             ctx.out.add_chunk(index, view, checksum)
         except ValueError as exc:
-            self._budget.release(view.nbytes)
+            self._holdings.release(view, view.nbytes)
             lane.fail(ctx, TransferAborted(str(exc), transfer_id=ctx.out.tid, peer=ctx.out.peer))
             return
         if self._spill is not None and isinstance(view, memoryview) and self._spill.wants(ctx):

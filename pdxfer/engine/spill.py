@@ -33,6 +33,7 @@ from pdxfer.protocol.checksum import chunk_checksum
 from pdxfer.protocol.states import OutState
 from pdxfer.sendq import MemoryBudget
 from pdxfer.sendq.holdings import Holdings, is_spilled
+from pdxfer.sendq.releases import ReleaseNotices
 from pdxfer.tiers import DiskTier, HostTier, SpilledChunk, SpillStore
 from pdxfer.units import format_size
 
@@ -53,7 +54,7 @@ def default_spill_dir() -> Path:
 
 class SpillCoordinator:
     def __init__(self, cfg: "SenderConfig", budget: MemoryBudget, rt: "LoopThread",
-                 live: Callable[[], Iterable["OutCtx"]]) -> None:
+                 live: Callable[[], Iterable["OutCtx"]], notices: ReleaseNotices | None = None) -> None:
         self.cfg = cfg
         self.budget = budget
         self._rt = rt
@@ -63,7 +64,7 @@ class SpillCoordinator:
         if cfg.spill_disk_bytes > 0:
             disk = DiskTier(Path(cfg.spill_dir) if cfg.spill_dir else default_spill_dir(), cfg.spill_disk_bytes)
         self.store = SpillStore(host, disk)
-        self.holdings = Holdings(budget, self.store)
+        self.holdings = Holdings(budget, self.store, notices)
         self.io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pdxfer-spill-io")
         self._hook_lock = threading.Lock()
         self._claimed: set[tuple[str, int]] = set()  # loop only: chunks being copied out
@@ -167,7 +168,7 @@ class SpillCoordinator:
         the chunk was sent or dropped meanwhile (then the copy is freed)."""
         self._claimed.discard((ctx.out.tid, index))
         if not ctx.out.terminal and ctx.out.swap_buffer(index, original, chunk, chunk.checksum):
-            self.budget.release(chunk.nbytes)
+            self.holdings.swapped_out(original, chunk.nbytes)
             self.evictions[cause] += 1
             ctx.log.debug("chunk_spilled", chunk=index, tier=chunk.tier, cause=cause)
         else:

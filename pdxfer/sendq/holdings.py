@@ -2,7 +2,8 @@
 memory budget) or a spilled copy in a tier (counted by the tier, not the budget).
 
 Every path that ends a chunk's life (sent, transfer failed, lane closed) goes through
-`release()`, so a chunk gives back exactly what it holds, once, wherever it lives.
+`release()`, so a chunk gives back exactly what it holds, once, wherever it lives; a
+producer's buffer going back also fires its release notice (`releases`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdxfer.sendq.budget import MemoryBudget
+from pdxfer.sendq.releases import ReleaseNotices
 from pdxfer.tiers.store import SpilledChunk, SpillStore
 
 
@@ -18,9 +20,11 @@ def is_spilled(buf: Any) -> bool:
 
 
 class Holdings:
-    def __init__(self, budget: MemoryBudget, store: SpillStore | None = None) -> None:
+    def __init__(self, budget: MemoryBudget, store: SpillStore | None = None,
+                 notices: ReleaseNotices | None = None) -> None:
         self.budget = budget
         self.store = store
+        self.notices = notices if notices is not None else ReleaseNotices()
 
     def release(self, buf: Any, nbytes: int) -> None:
         if isinstance(buf, SpilledChunk):
@@ -31,3 +35,10 @@ class Holdings:
             self.budget.poke()
         else:
             self.budget.release(nbytes)
+            self.notices.fire(buf)  # the producer's buffer is free now
+
+    def swapped_out(self, original: Any, nbytes: int) -> None:
+        """A chunk's bytes now live in a tier copy: its original buffer's budget, and the
+        buffer itself, go back."""
+        self.budget.release(nbytes)
+        self.notices.fire(original)

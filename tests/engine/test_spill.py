@@ -202,3 +202,24 @@ def test_receiver_paused_sender_stays_in_budget_and_completes_after_resume(recei
     assert stats["ledger"]["reserved_bytes"] == 0
     assert tx.budget.peak <= budget
     _assert_clean(tx)
+
+
+def test_a_spilled_chunk_releases_its_buffer_at_once(make_receiver, make_sender, tmp_path):
+    """Spilling is what frees the producer's memory while the decode is full: the
+    buffer's release notice fires when the tier copy takes its place, long before the
+    transfer can end, and nothing fires twice when the copy is sent later."""
+    rx = make_receiver(capacity=16 * MiB)
+    tx = make_sender(memory_budget=2 * MiB, spill_host_bytes=8 * MiB, spill_dir=str(tmp_path))
+    _fill_receiver(tx, rx)
+    _eventually(lambda: tx.budget_used == 0)
+    released: list[int] = []
+    chunks = _chunks("sp", 4)
+    h = tx.open(rx.control_address, "sp", Payload.of(chunks))
+    for i, c in enumerate(chunks):  # 4 MiB into a 2 MiB budget: the first ones must spill
+        h.put(i, c, timeout=10, on_release=lambda i=i: released.append(i))
+    _eventually(lambda: len(released) >= 2)
+    assert not h.future.done() and tx.spill_usage()["spills_host"] >= 2
+    _free_receiver(rx)
+    h.future.result(30)
+    _assert_verified(rx, "sp", 4)
+    assert sorted(released) == [0, 1, 2, 3]

@@ -260,6 +260,51 @@ def test_chunk_refused_for_backpressure_can_be_put_again(make_receiver, make_sen
     h.future.result(10)
 
 
+def test_buffers_reused_on_release_arrive_intact(make_receiver, make_sender, backend):
+    """A producer with two buffers sends eight chunks, refilling a buffer as soon as the
+    Sender reports it released. Had a notice come while the Sender could still read the
+    buffer (a WRITE in flight, a send not done), the refill would change bytes in flight:
+    the receiver would get other bytes, or fail the chunk's checksum."""
+    r, s = make_receiver(), make_sender(backend=backend)
+    n, size = 8, 256 << 10
+    want = [os.urandom(size) for _ in range(n)]
+    free = [bytearray(size), bytearray(size)]
+    lock = threading.Condition()
+    released: list[int] = []
+    h = s.open(r.control_address, "reused", Payload((size,) * n))
+    for i in range(n):
+        with lock:
+            assert lock.wait_for(lambda: free, timeout=10), f"no buffer came back for chunk {i}"
+            buf = free.pop()
+        buf[:] = want[i]
+
+        def back(i: int = i, buf: bytearray = buf) -> None:
+            with lock:
+                released.append(i)
+                free.append(buf)
+                lock.notify_all()
+
+        h.put(i, buf, on_release=back)
+    with r.wait("reused", timeout=10) as got:
+        assert [bytes(got.chunk(i)) for i in range(n)] == want
+    h.future.result(10)
+    assert sorted(released) == list(range(n))  # each once, all by the time the future resolved
+
+
+def test_release_notices_fire_for_chunks_never_sent(make_sender, hung_receiver):
+    s = make_sender(memory_budget=4 << 20)
+    released: list[int] = []
+    h = s.open(hung_receiver, "never-sent", Payload((4096, 4096, 4096)))
+    for i in range(2):
+        h.put(i, bytes(4096), on_release=lambda i=i: released.append(i))
+    assert released == []  # held: no GRANT, nothing sent
+    h.abort("gave up")
+    with pytest.raises(TransferAborted):
+        h.future.result(10)
+    _eventually(lambda: sorted(released) == [0, 1])
+    assert len(s._notices) == 0  # nothing left registered
+
+
 def test_wait_granted_returns_at_the_grant_or_at_the_end(make_receiver, make_sender, hung_receiver, backend):
     s = make_sender(backend=backend)
     stuck = s.open(hung_receiver, "stuck-grant", Payload((4096,)))

@@ -2,10 +2,10 @@
 
 Shared by both prefill flows (the pull in `worker.py`, the stream in `stream.py`): where a
 chunk is packed (a piece of the NIXL staging pool, or a fresh tensor), how it is handed
-to `put()` (host array, VRAM chunk, or host copy for TCP), and that it is held, under one
-lock with its transfer's entry, until the transfer ends and then given back exactly once.
-The transfer's outcome is counted there too, before its entry goes (so "nothing in
-flight" means "every outcome counted").
+to `put()` (host array, VRAM chunk, or host copy for TCP), and that what it holds comes
+back exactly once, as soon as the Sender lets go of it (`put(on_release=)`). The
+transfer's outcome is counted here too, before its entry goes (so "nothing in flight"
+means "every outcome counted").
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class SendingMixin:
     staging: StagingPool | None
     counters: Counters
     telemetry: Recorder
-    _held_lock: threading.Lock
-    _in_flight: dict[str, tuple[Any, list[torch.Tensor]]]
+    _packed_lock: threading.Lock
+    packed_bytes: int  # packed chunks the Sender still holds (see _put_packed)
+    _in_flight: dict[str, Any]  # transfer id -> its OutboundHandle, until it ends
 
     def _stage(self, nbytes: int, timeout: float = 0.0) -> "torch.Tensor | None | bool":
         """Where to pack a chunk of `nbytes`: a staging-pool piece, None (a fresh tensor:
@@ -60,31 +61,36 @@ class SendingMixin:
             return c
         return c.cpu().numpy()  # the array keeps its host copy alive until the Sender is done
 
-    def _keep(self, tid: str, chunk: "torch.Tensor") -> bool:
-        """Hold a packed chunk until its transfer ends (the Sender reads it until then). False
-        if the transfer has ended already: the chunk is given back and must not be put."""
-        with self._held_lock:
-            held = self._in_flight.get(tid)
-            if held is not None:
-                held[1].append(chunk)
-                return True
-        self._unstage([chunk])
-        return False
+    def _put_packed(self, handle: Any, index: int, c: "torch.Tensor", timeout: float | None = None) -> None:
+        """put() a packed chunk. What it holds (its bytes in `packed_bytes`, a staging piece)
+        comes back when the Sender lets go of it (`on_release`: sent, spilled, or its
+        transfer ended), or at once if put() refuses it; so packed copies never outlive
+        their use, and a transfer larger than the staging pool still gets through."""
+        nbytes = c.numel()
+        piece = c if self.staging is not None and self.staging.owns(c) else None
+        done = [False]
 
-    def _unkeep(self, tid: str, chunk: "torch.Tensor") -> None:
-        """A kept chunk that was not put after all (the budget refused it): let it go now."""
-        with self._held_lock:
-            held = self._in_flight.get(tid)
-            if held is None or not any(c is chunk for c in held[1]):
-                return  # the transfer ended meanwhile: _sent gave it back
-            held[1][:] = [c for c in held[1] if c is not chunk]
-        self._unstage([chunk])
+        def back() -> None:  # once: the Sender's loop, or here when put() raises
+            if done[0]:
+                return
+            done[0] = True
+            with self._packed_lock:
+                self.packed_bytes -= nbytes
+            if piece is not None and self.staging is not None:
+                self.staging.give(piece)
 
-    def _unstage(self, chunks: "list[torch.Tensor]") -> None:
-        if self.staging is not None:
-            for c in chunks:
-                if self.staging.owns(c):
-                    self.staging.give(c)
+        with self._packed_lock:
+            self.packed_bytes += nbytes
+        try:
+            handle.put(index, self._wire(c), timeout=timeout, on_release=back)
+        except BaseException:
+            back()
+            raise
+
+    def _give_back(self, c: "torch.Tensor") -> None:
+        """A packed chunk that will not be put after all."""
+        if self.staging is not None and self.staging.owns(c):
+            self.staging.give(c)
 
     def _open(self, tid: str, peer: str, sizes: list[int]) -> Any:
         """Open a transfer (an error text when that fails); its buffers live until it ends."""
@@ -94,7 +100,7 @@ class SendingMixin:
         except Exception as exc:  # noqa: BLE001
             self.counters.inc("send_failed")
             return f"open failed: {exc}"
-        self._in_flight[tid] = (handle, [])
+        self._in_flight[tid] = handle
         handle.future.add_done_callback(lambda f: self._sent(tid, f))
         return handle
 
@@ -108,7 +114,4 @@ class SendingMixin:
             self.counters.inc("send_failed")
             self.telemetry.failed("send", type(exc).__name__)
             log.warning("pdxfer_send_failed", transfer_id=tid, error=repr(exc))
-        with self._held_lock:  # last: in_flight 0 means every outcome is counted
-            entry = self._in_flight.pop(tid, None)
-        if entry is not None:
-            self._unstage(entry[1])  # NIXL finished reading them: the future resolves after its WRITEs
+        self._in_flight.pop(tid, None)  # last: in_flight 0 means every outcome is counted

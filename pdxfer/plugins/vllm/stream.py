@@ -71,7 +71,7 @@ class StreamingMixin:
     _done_sending: set[str]
     _streams: dict[str, _Stream]
     _ended_streams: "collections.OrderedDict[str, str]"  # tid -> why it ended
-    _in_flight: dict[str, tuple[Any, list[torch.Tensor]]]
+    _in_flight: dict[str, Any]
 
     # provided by WorkerSide
     block_size: int
@@ -93,9 +93,8 @@ class StreamingMixin:
             self._stream_finished(tid, req_id, blocks)
 
     def _stage(self, nbytes: int, timeout: float = 0.0) -> "torch.Tensor | None | bool": ...  # pragma: no cover
-    def _keep(self, tid: str, chunk: "torch.Tensor") -> bool: ...  # pragma: no cover
-    def _wire(self, c: "torch.Tensor") -> Any: ...  # pragma: no cover
-    def _unkeep(self, tid: str, chunk: "torch.Tensor") -> None: ...  # pragma: no cover
+    def _put_packed(self, handle: Any, index: int, c: "torch.Tensor", timeout: float | None = None) -> None: ...  # pragma: no cover
+    def _give_back(self, c: "torch.Tensor") -> None: ...  # pragma: no cover
 
     @property
     def streams_behind(self) -> int:
@@ -191,13 +190,13 @@ class StreamingMixin:
                 self._fall_behind(tid, st, "send staging pool full")
                 return
             c = self.packer.pack(st.tables, a, b, out=out)
-            if not self._keep(tid, c):  # the transfer ended just now (its future's callback ran)
+            if tid not in self._in_flight:  # the transfer ended just now (its future's callback ran)
+                self._give_back(c)
                 raise RuntimeError("transfer ended before its last chunk")
             try:
-                st.handle.put(st.next, self._wire(c), timeout=0)  # never wait on the engine thread
+                self._put_packed(st.handle, st.next, c, timeout=0)  # never wait on the engine thread
             except Backpressure:  # SpillExhausted too: no tier had room either
-                self._unkeep(tid, c)  # the packed copy is dropped: packed again once there is room
-                self._fall_behind(tid, st, "send budget full")
+                self._fall_behind(tid, st, "send budget full")  # the packed copy went back: packed again later
                 return
             if early:
                 self.counters.inc("streamed_early")  # packed while the prefill still runs

@@ -24,7 +24,6 @@ import time
 from typing import Any, Mapping
 
 import structlog
-import torch
 import zmq
 
 from pdxfer.engine import Receiver, ReceiverConfig, Sender, SenderConfig
@@ -67,8 +66,9 @@ class WorkerSide(SendingMixin, StreamingMixin, ReceivingMixin):
         self._held: dict[str, SendSpec] = {}  # transfer id -> blocks held for a pull
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # recently ended holds -> why
         self._done_sending: set[str] = set()  # req ids whose blocks vLLM may free
-        self._in_flight: dict[str, tuple[Any, list[torch.Tensor]]] = {}  # tid -> (handle, packed chunks)
-        self._held_lock = threading.Lock()  # _in_flight entries vs their packed chunks (see _keep)
+        self._in_flight: dict[str, Any] = {}  # tid -> its OutboundHandle, until the transfer ends
+        self._packed_lock = threading.Lock()
+        self.packed_bytes = 0  # packed chunks the Sender still holds (sending._put_packed)
         self.staging: StagingPool | None = None  # NIXL prefill: packed chunks live here (staging.py)
         self._streams: dict[str, _Stream] = {}  # tid -> streaming prefill being pushed
         self._ended_streams: collections.OrderedDict[str, str] = collections.OrderedDict()  # tid -> why
@@ -300,9 +300,7 @@ class WorkerSide(SendingMixin, StreamingMixin, ReceivingMixin):
                     handle.abort(f"no room in the send staging pool for {self.cfg.recv_timeout_s}s")
                     return
                 c = self.packer.pack(tables, a, b, out=out)
-                if not self._keep(spec.transfer_id, c):
-                    return
-                handle.put(i, self._wire(c))
+                self._put_packed(handle, i, c)
         except Exception as exc:  # noqa: BLE001 - the transfer fails, the decode is told by ABORT
             log.warning("pdxfer_push_put_failed", transfer_id=spec.transfer_id, error=repr(exc))
             handle.abort(f"submit failed: {exc}")
@@ -337,6 +335,7 @@ class WorkerSide(SendingMixin, StreamingMixin, ReceivingMixin):
         with self._lock:
             held = len(self._held)
         out: dict[str, Any] = {"held": held, "in_flight": len(self._in_flight), "receiving": len(self._jobs),
+                               "packed_bytes": self.packed_bytes,
                                "streaming": len(self._streams),
                                "streams_behind": self.streams_behind,
                                "counters": self.counters.snapshot()}
