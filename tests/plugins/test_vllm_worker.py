@@ -50,21 +50,25 @@ def wait_for(fn: Any, timeout: float = 10.0) -> Any:
 @pytest.fixture
 def pair(request: pytest.FixtureRequest) -> Any:
     """A prefill and a decode worker; the prefill's data path is the test's param (tcp if none)."""
-    backend = getattr(request, "param", "tcp")
-    if backend == "nixl":
-        pytest.importorskip("nixl")
-    p = WorkerSide(PluginConfig(side_port=free_port(), lease_s=30, handshake_timeout_s=2, recv_timeout_s=5,
-                                backend=backend), producer=True, consumer=False)
-    d = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2, recv_timeout_s=5),
-                   producer=False, consumer=True)
-    pc, dc = caches(1), caches(None)
-    p.register(pc, kv_config())
-    d.register(dc, kv_config())
+    p, d, pc, dc = _make_pair(getattr(request, "param", "tcp"))
     try:
         yield p, d, pc, dc
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def _make_pair(backend: str, recv_timeout_s: float = 5, **prefill: Any) -> tuple[WorkerSide, WorkerSide, Any, Any]:
+    if backend == "nixl":
+        pytest.importorskip("nixl")
+    p = WorkerSide(PluginConfig(side_port=free_port(), lease_s=30, handshake_timeout_s=2, recv_timeout_s=recv_timeout_s,
+                                backend=backend, **prefill), producer=True, consumer=False)
+    d = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2, recv_timeout_s=recv_timeout_s),
+                   producer=False, consumer=True)
+    pc, dc = caches(1), caches(None)
+    p.register(pc, kv_config())
+    d.register(dc, kv_config())
+    return p, d, pc, dc
 
 
 def collect(w: WorkerSide, timeout: float = 10.0) -> tuple[set[str], set[str], set[str]]:
@@ -501,14 +505,7 @@ def test_nixl_pull_larger_than_the_staging_pool_gets_through() -> None:
     """The staging pool is `sender_memory` (1.5 chunks here) and the pull three chunks:
     each piece must come back as soon as its WRITE completed, not when the transfer ends
     (which it never could)."""
-    pytest.importorskip("nixl")
-    p = WorkerSide(PluginConfig(side_port=free_port(), lease_s=30, handshake_timeout_s=2, recv_timeout_s=10,
-                                backend="nixl", sender_memory=CHUNK + CHUNK // 2), producer=True, consumer=False)
-    d = WorkerSide(PluginConfig(side_port=free_port(), handshake_timeout_s=2, recv_timeout_s=10),
-                   producer=False, consumer=True)
-    pc, dc = caches(1), caches(None)
-    p.register(pc, kv_config())
-    d.register(dc, kv_config())
+    p, d, pc, dc = _make_pair("nixl", recv_timeout_s=10, sender_memory=CHUNK + CHUNK // 2)
     try:
         assert p.staging is not None and p.staging.capacity < 3 * CHUNK
         p.on_meta(StepMeta(sends=[SendSpec("preq", "TB", ((4, 5, 6),), 3 * BS, time.time() + 30)]))
