@@ -340,6 +340,22 @@ def _forward_in_thread(p: WorkerSide, meta: StepMeta) -> bool:
     return not t.is_alive()
 
 
+def _step_until_both_arrived(p: WorkerSide, d: WorkerSide) -> None:
+    """Step both engines (get_finished, as vLLM does every step) until the backlog's two
+    prompts have been loaded by the decode and released by the prefill."""
+    sent: set[str] = set()
+    got: set[str] = set()
+
+    def step() -> bool:
+        sent.update(p.get_finished()[0])  # what the prefill engine's next steps call
+        _, recving, failed = d.get_finished()
+        assert not failed
+        got.update(recving)
+        return got == {"d0", "d1"} and sent == {"p0", "p1"}
+
+    wait_for(step, timeout=20)
+
+
 def _backlog(p: WorkerSide, d: WorkerSide) -> str:
     """Stream S0 (decode d0) takes the decode's whole capacity and stays unfinished (one
     block of three computed); then S1 (d1) streams a whole prompt while the decode has
@@ -378,17 +394,7 @@ def test_stream_with_no_send_budget_left_never_blocks_the_engine_thread() -> Non
         # behind catch up as the budget frees.
         assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), 3 * BS, 3 * BS)]))
         assert _forward_in_thread(p, StepMeta(stream_finished=[("S0", "p0", ((7, 8, 9),))]))
-        sent: set[str] = set()
-        got: set[str] = set()
-
-        def step() -> bool:
-            sent.update(p.get_finished()[0])  # what the prefill engine's next steps call
-            _, recving, failed = d.get_finished()
-            assert not failed
-            got.update(recving)
-            return got == {"d0", "d1"} and sent == {"p0", "p1"}
-
-        wait_for(step, timeout=20)
+        _step_until_both_arrived(p, d)
         for name in LAYERS:
             for src, dst in zip((7, 8, 9, 10, 11, 12), (1, 2, 3, 4, 5, 6)):
                 assert torch.equal(pc[name][src], dc[name][dst])
@@ -440,17 +446,7 @@ def test_stream_backlog_spills_to_host_and_arrives_once_the_decode_has_room() ->
         # p0 (the step after its last one), as in the test above.
         assert _forward_in_thread(p, StepMeta(streams=[StreamSpec("p0", "S0", addr, ((7, 8, 9),), 3 * BS, 3 * BS)]))
         assert _forward_in_thread(p, StepMeta(stream_finished=[("S0", "p0", ((7, 8, 9),)), ("S1", "p1", ((10, 11, 12),))]))
-        sent: set[str] = set()
-        got: set[str] = set()
-
-        def step() -> bool:
-            sent.update(p.get_finished()[0])  # what the prefill engine's next steps call
-            _, recving, failed = d.get_finished()
-            assert not failed
-            got.update(recving)
-            return got == {"d0", "d1"} and sent == {"p0", "p1"}
-
-        wait_for(step, timeout=20)
+        _step_until_both_arrived(p, d)
         for name in LAYERS:
             for s, t in zip((7, 8, 9, 10, 11, 12), (1, 2, 3, 4, 5, 6)):
                 assert torch.equal(pc[name][s], dc[name][t])
